@@ -1,0 +1,262 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sdbatch import SdbatchError
+from sdbatch.manifest import Defaults, derive_seed, read_manifest
+
+DEFAULTS = Defaults(steps=20, guidance_scale=7.5, width=64, height=48, seed=7, negative_prompt="blurry")
+
+
+def write(tmp_path, columns, name="catalog.parquet", schema=None):
+    path = tmp_path / name
+    pq.write_table(pa.table(columns, schema=schema), path)
+    return path
+
+
+def error_of(path, **kwargs) -> str:
+    with pytest.raises(SdbatchError) as caught:
+        read_manifest(path, DEFAULTS, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def test_missing_file_is_named(tmp_path):
+    assert str(tmp_path / "nope.parquet") in error_of(tmp_path / "nope.parquet")
+
+
+def test_directory_is_refused(tmp_path):
+    (tmp_path / "dir.parquet").mkdir()
+    assert "dir.parquet" in error_of(tmp_path / "dir.parquet")
+
+
+def test_non_parquet_file(tmp_path):
+    path = tmp_path / "prompts.csv"
+    path.write_text("id,prompt\n1,a cat\n")
+    message = error_of(path)
+    assert f"{path} is not a Parquet file: " in message
+
+
+def test_empty_manifest(tmp_path):
+    path = write(tmp_path, {"prompt": pa.array([], pa.string())})
+    assert "no rows" in error_of(path)
+
+
+def test_missing_prompt_column_lists_columns(tmp_path):
+    path = write(tmp_path, {"id": ["a"], "text": ["a cat"]})
+    message = error_of(path)
+    assert "'prompt'" in message and "'id'" in message and "'text'" in message
+
+
+def test_bad_on_invalid(tmp_path):
+    path = write(tmp_path, {"prompt": ["a cat"]})
+    assert "on_invalid" in error_of(path, on_invalid="ignore")
+
+
+# --- valid manifests -----------------------------------------------------------------------------
+
+
+def test_defaults_fill_missing_columns_and_nulls(tmp_path):
+    path = write(tmp_path, {
+        "prompt": ["a cat", "a dog"],
+        "steps": pa.array([None, 5], pa.int64()),
+        "negative_prompt": [None, "dark"],
+        "guidance_scale": [None, 3.0],
+    })
+    first, second = read_manifest(path, DEFAULTS).jobs
+    assert (first.id, first.steps, first.negative_prompt, first.guidance_scale) == ("0", 20, "blurry", 7.5)
+    assert (first.width, first.height) == (64, 48)
+    assert (second.id, second.steps, second.negative_prompt, second.guidance_scale) == ("1", 5, "dark", 3.0)
+
+
+def test_int_and_text_ids(tmp_path):
+    ints = read_manifest(write(tmp_path, {"id": [10, 2], "prompt": ["a", "b"]}, "ints.parquet"), DEFAULTS)
+    texts = read_manifest(write(tmp_path, {"id": ["sku/9", "../x"], "prompt": ["a", "b"]}, "texts.parquet"), DEFAULTS)
+    assert [job.id for job in ints.jobs] == ["10", "2"]
+    assert [job.id for job in texts.jobs] == ["sku/9", "../x"]
+
+
+def test_whole_floats_accepted_in_int_columns(tmp_path):
+    # pandas stores int columns with nulls as floats
+    path = write(tmp_path, {"id": [1.0, 2.0], "prompt": ["a", "b"], "width": [512.0, None], "seed": [3.0, None]})
+    first, second = read_manifest(path, DEFAULTS).jobs
+    assert (first.id, first.width, first.seed) == ("1", 512, 3)
+    assert isinstance(first.width, int) and isinstance(first.seed, int)
+    assert (second.width, second.seed) == (64, derive_seed(7, "2"))
+
+
+def test_unicode_prompts_pass_through(tmp_path):
+    prompts = ["ein Café über Zürich", "قطة على السطح", "שלום עולם", "🐱‍👤 ninja cat 🌸", "猫が寝ている"]
+    path = write(tmp_path, {"id": ["é", "ع", "ש", "🐱", "猫"], "prompt": prompts})
+    manifest = read_manifest(path, DEFAULTS)
+    assert [job.prompt for job in manifest.jobs] == prompts
+    assert [job.id for job in manifest.jobs] == ["é", "ع", "ש", "🐱", "猫"]
+
+
+def test_num_images_expands_rows_with_consecutive_seeds(tmp_path):
+    path = write(tmp_path, {"id": ["a", "b"], "prompt": ["x", "y"], "seed": [100, None], "num_images": [3, None]})
+    jobs = read_manifest(path, DEFAULTS).jobs
+    assert [(job.id, job.image_index, job.seed) for job in jobs] == [
+        ("a", 0, 100), ("a", 1, 101), ("a", 2, 102), ("b", 0, derive_seed(7, "b")),
+    ]
+
+
+def test_derive_seed_is_stable_and_in_range():
+    assert derive_seed(0, "a") == derive_seed(0, "a")
+    assert derive_seed(0, "a") != derive_seed(1, "a")
+    assert all(0 <= derive_seed(0, str(i)) < 2**32 for i in range(1000))
+
+
+def test_derived_seeds_survive_rows_added_and_removed(tmp_path):
+    before = read_manifest(write(tmp_path, {"id": ["a", "b", "c"], "prompt": ["x"] * 3}, "before.parquet"), DEFAULTS)
+    after = read_manifest(write(tmp_path, {"id": ["new", "c", "a"], "prompt": ["x"] * 3}, "after.parquet"), DEFAULTS)
+    seeds_before = {job.id: job.seed for job in before.jobs}
+    seeds_after = {job.id: job.seed for job in after.jobs}
+    assert seeds_before["a"] == seeds_after["a"] and seeds_before["c"] == seeds_after["c"]
+
+
+def test_passthrough_columns_unchanged(tmp_path):
+    path = write(tmp_path, {
+        "prompt": ["a", "b"],
+        "sku": ["X-1", None],
+        "price": [9.5, 3.0],
+        "tags": [["red", "big"], []],
+        "meta": [{"k": 1}, {"k": 2}],
+    })
+    jobs = read_manifest(path, DEFAULTS).jobs
+    assert jobs[0].extra == {"sku": "X-1", "price": 9.5, "tags": ["red", "big"], "meta": {"k": 1}}
+    assert jobs[1].extra == {"sku": None, "price": 3.0, "tags": [], "meta": {"k": 2}}
+
+
+def test_dictionary_encoded_prompts(tmp_path):
+    prompts = pa.array(["a cat", "a dog", "a cat"]).dictionary_encode()
+    path = write(tmp_path, {"prompt": prompts})
+    assert [job.prompt for job in read_manifest(path, DEFAULTS).jobs] == ["a cat", "a dog", "a cat"]
+
+
+# --- invalid rows --------------------------------------------------------------------------------
+
+
+def test_bad_prompts(tmp_path):
+    path = write(tmp_path, {"id": ["ok", "n", "e", "w", "sku/9"], "prompt": ["a cat", None, "", " \t\u3000", "fine"]})
+    message = error_of(path)
+    assert message.startswith(f"{path}: 3 rows have an empty or null prompt (column 'prompt', ids: n, e, w)")
+    assert "on_invalid=skip" in message
+
+
+def test_non_text_prompt_column_makes_rows_invalid(tmp_path):
+    path = write(tmp_path, {"id": ["a", "b"], "prompt": [1, 2]})
+    message = error_of(path)
+    assert "column 'prompt'" in message and "ids: a, b" in message and "not text" in message
+    skipped = read_manifest(path, DEFAULTS, on_invalid="skip").skipped
+    assert [(row.id, row.prompt) for row in skipped] == [("a", None), ("b", None)]
+
+
+def test_duplicate_ids_named(tmp_path):
+    path = write(tmp_path, {"id": ["a", "b", "a", "c", "b", "a"], "prompt": ["x"] * 6})
+    message = error_of(path)
+    assert "5 rows have an id that another row also has (column 'id', duplicated ids: a, b)" in message
+
+
+def test_duplicate_ids_all_skipped(tmp_path):
+    path = write(tmp_path, {"id": [1, 2, 1], "prompt": ["x", "y", "z"]})
+    manifest = read_manifest(path, DEFAULTS, on_invalid="skip")
+    assert [job.id for job in manifest.jobs] == ["2"]
+    assert [(row.id, row.prompt, row.reason) for row in manifest.skipped] == [
+        ("1", "x", "duplicate id"), ("1", "z", "duplicate id"),
+    ]
+
+
+def test_null_ids(tmp_path):
+    path = write(tmp_path, {"id": ["a", None], "prompt": ["x", "y"]})
+    assert "1 row has a null id (column 'id', row numbers: 1)" in error_of(path)
+    assert read_manifest(path, DEFAULTS, on_invalid="skip").skipped[0].id == "row 1"
+
+
+@pytest.mark.parametrize("column", ["width", "height"])
+def test_sizes_not_multiple_of_8(tmp_path, column):
+    path = write(tmp_path, {"id": ["a", "b", "c", "d", "e"], "prompt": ["x"] * 5, column: [512, 500, 0, -8, 512.5]})
+    message = error_of(path)
+    assert f"4 rows have a {column} that is not a positive multiple of 8 (column '{column}', ids: b, c, d, e)" in message
+
+
+@pytest.mark.parametrize("column", ["steps", "num_images"])
+def test_counts_below_one(tmp_path, column):
+    path = write(tmp_path, {"id": ["a", "b", "c", "d"], "prompt": ["x"] * 4, column: [1.0, 0, -3, 2.5]})
+    message = error_of(path)
+    assert f"3 rows have a {column} value that is not a whole number of at least 1 (column '{column}', ids: b, c, d)" in message
+
+
+def test_bad_seeds_and_guidance(tmp_path):
+    path = write(tmp_path, {
+        "id": ["a", "b", "c"], "prompt": ["x"] * 3,
+        "seed": [-1, 2.5, 5], "guidance_scale": [float("nan"), 1.0, float("inf")],
+    })
+    message = error_of(path)
+    assert "2 rows have a seed" in message and "(column 'seed', ids: a, b)" in message
+    assert "2 rows have a guidance_scale that is not a finite number (column 'guidance_scale', ids: a, c)" in message
+
+
+def test_all_problems_in_one_message(tmp_path):
+    path = write(tmp_path, {"id": ["a", "b", "c"], "prompt": ["x", "", "z"], "width": [512, 512, 100]})
+    message = error_of(path)
+    assert "1 row has an empty or null prompt (column 'prompt', ids: b); " in message
+    assert "1 row has a width that is not a positive multiple of 8 (column 'width', ids: c)" in message
+
+
+def test_listing_stops_at_ten(tmp_path):
+    path = write(tmp_path, {"id": [f"r{i}" for i in range(47)], "prompt": [""] * 47})
+    message = error_of(path)
+    ids = ", ".join(f"r{i}" for i in range(10))
+    assert f"47 rows have an empty or null prompt (column 'prompt', ids: {ids} and 37 more)" in message
+    assert "r10" not in message
+
+
+def test_odd_ids_are_quoted_in_messages(tmp_path):
+    path = write(tmp_path, {"id": ["", "a\nb"], "prompt": ["", ""]})
+    message = error_of(path)
+    assert "ids: '', 'a\\nb'" in message
+
+
+def test_skip_keeps_valid_rows_and_records_reasons(tmp_path):
+    path = write(tmp_path, {
+        "id": ["good", "bad", "worse"],
+        "prompt": ["a cat", " ", "a dog"],
+        "width": [512, 512, 7],
+        "steps": [10, 0, 10],
+        "shop": ["s1", "s2", "s3"],
+    })
+    manifest = read_manifest(path, DEFAULTS, on_invalid="skip")
+    assert manifest.num_rows == 3
+    assert [job.id for job in manifest.jobs] == ["good"]
+    bad, worse = manifest.skipped
+    assert (bad.id, bad.prompt, bad.extra) == ("bad", " ", {"shop": "s2"})
+    assert "empty or null prompt" in bad.reason and "steps" in bad.reason
+    assert (worse.id, worse.extra) == ("worse", {"shop": "s3"})
+    assert "width" in worse.reason
+
+
+# --- wrong column types --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("column, values", [
+    ("steps", ["20"]),
+    ("width", [True]),
+    ("negative_prompt", [3]),
+    ("guidance_scale", ["7.5"]),
+    ("id", [[1]]),
+])
+def test_wrong_column_type(tmp_path, column, values):
+    path = write(tmp_path, {"prompt": ["a cat"], column: values})
+    message = error_of(path, on_invalid="skip")
+    assert str(path) in message and f"column '{column}' has type" in message
+
+
+def test_all_null_columns_are_fine(tmp_path):
+    path = write(tmp_path, {"prompt": ["a cat"], "steps": pa.nulls(1), "negative_prompt": pa.nulls(1)})
+    (job,) = read_manifest(path, DEFAULTS).jobs
+    assert (job.steps, job.negative_prompt) == (20, "blurry")
