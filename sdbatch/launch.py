@@ -1,0 +1,58 @@
+"""One worker process per visible GPU (or `processes=N`), each a worker in the global plan."""
+
+import os
+import signal
+import subprocess
+import sys
+
+from sdbatch import SdbatchError
+
+
+def launch(cfg) -> int:
+    """Run this machine's workers: in this process when there is one, else as child processes."""
+    count = process_count(cfg)
+    if count == 1 or "SDBATCH_LOCAL_RANK" in os.environ:
+        from sdbatch.run import run
+        return run(cfg)
+    return run_children(count)
+
+
+def process_count(cfg) -> int:
+    if str(cfg.processes) != "auto":
+        if int(cfg.processes) < 1:
+            raise SdbatchError(f"processes must be auto or at least 1, not {cfg.processes}.")
+        return int(cfg.processes)
+    if cfg.device == "cpu":
+        return 1
+    import torch
+    return max(1, torch.cuda.device_count())
+
+
+def run_children(count: int) -> int:
+    """Start `count` copies of this command, one per GPU; forward stop signals; the worst exit code wins."""
+    gpus = visible_gpus()
+    children = []
+    for rank in range(count):
+        env = {**os.environ, "SDBATCH_LOCAL_RANK": str(rank), "SDBATCH_LOCAL_COUNT": str(count)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[rank % len(gpus)]
+        children.append(subprocess.Popen([sys.executable, "-m", "sdbatch", *sys.argv[1:]], env=env))
+
+    def forward(signum, frame):
+        for child in children:
+            child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, key=lambda code: (code != 0, code == 2, code))
+
+
+def visible_gpus() -> list[str]:
+    import torch
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]

@@ -1,0 +1,179 @@
+"""The batched denoising loop: one static shape per batch, CFG in one UNet call, one generator per image."""
+
+import inspect
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import diffusers
+import torch
+
+from sdbatch.manifest import ImageJob
+from sdbatch.models import Conditioning, Model
+
+log = logging.getLogger("sdbatch")
+TEXT_CACHE_SIZE = 1024  # distinct prompts kept encoded on the device
+VAE_CHUNK = 8  # images per VAE decode call: bounds memory and stays clear of int32 indexing limits
+
+
+@dataclass
+class BatchResult:
+    pixels: list  # per image: uint8 (H, W, 3) tensor on the CPU, or None when failed
+    failures: list  # per image: None, or the reason it failed
+    truncated: list  # per image: the prompt was cut to the text encoder's window
+    seconds: dict = field(default_factory=dict)  # text_encode_s, denoise_s, vae_decode_s for the whole batch
+    batch_size: int = 0  # images in the UNet batch that ran (after any out-of-memory halving)
+
+
+def batch_key(job: ImageJob) -> tuple:
+    """Jobs sharing this key can share one static-shape batch."""
+    return job.width, job.height, job.steps, job.guidance_scale
+
+
+def make_scheduler(scheduler_cfg, model_scheduler_config: dict):
+    scheduler_class = getattr(diffusers, scheduler_cfg.class_name)
+    options = dict(scheduler_cfg.get("options") or {})
+    return scheduler_class.from_config({**model_scheduler_config, **options})
+
+
+class Renderer:
+    def __init__(self, model: Model, scheduler_cfg, pad_to: int | None = None):
+        self.model, self.scheduler_cfg, self.pad_to = model, scheduler_cfg, pad_to
+        self.text_cache: OrderedDict = OrderedDict()
+        step_parameters = inspect.signature(make_scheduler(scheduler_cfg, model.scheduler_config).step).parameters
+        self.step_takes_generator = "generator" in step_parameters
+
+    def render(self, jobs: list[ImageJob]) -> BatchResult:
+        """Render jobs of one batch_key; on CUDA out-of-memory, halve the batch and retry."""
+        try:
+            return self._render(jobs)
+        except torch.cuda.OutOfMemoryError:
+            if len(jobs) == 1:
+                raise
+            torch.cuda.empty_cache()
+            log.warning("CUDA out of memory at batch %d: retrying as two batches of %d", len(jobs), len(jobs) // 2)
+            half = len(jobs) // 2
+            return merge([self.render(jobs[:half]), self.render(jobs[half:])])
+
+    @torch.no_grad()
+    def _render(self, jobs: list[ImageJob]) -> BatchResult:
+        model, first = self.model, jobs[0]
+        padded = jobs + [first] * (max(0, (self.pad_to or 0) - len(jobs)))  # static shape: pad, never recompile
+        clock = Stopwatch(model.device)
+        cond, uncond = self.conditioning([j.prompt for j in padded]), self.conditioning(
+            [j.negative_prompt for j in padded], negative=True)
+        seconds = {"text_encode_s": clock.lap()}
+        generators = [torch.Generator().manual_seed(j.seed) for j in padded]  # drawn from as diffusers does
+        latents = initial_latents(padded, model, generators)
+        latents = self.denoise(latents, cond, uncond, first.steps, first.guidance_scale, first.width, first.height,
+                               generators)
+        seconds["denoise_s"] = clock.lap()
+        pixels, failures = decode(model, latents[:len(jobs)])
+        seconds["vae_decode_s"] = clock.lap()
+        return BatchResult(pixels, failures, cond.truncated[:len(jobs)], seconds, len(padded))
+
+    def conditioning(self, texts: list[str], negative: bool = False) -> Conditioning:
+        """Embeddings for texts, encoding each distinct text once and keeping recent ones on the device."""
+        zero_empty = negative and self.model.family == "sdxl"
+        keys = [(zero_empty, t) for t in texts]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.text_cache))
+        if missing:
+            encoded = self.model.encode([t for _, t in missing], zero_empty=zero_empty)
+            for i, key in enumerate(missing):
+                pooled = encoded.pooled[i] if encoded.pooled is not None else None
+                self.text_cache[key] = (encoded.embeds[i], pooled, encoded.truncated[i])
+        for key in keys:
+            self.text_cache.move_to_end(key)
+        rows = [self.text_cache[k] for k in keys]
+        while len(self.text_cache) > max(TEXT_CACHE_SIZE, len(keys)):
+            self.text_cache.popitem(last=False)
+        pooled = torch.stack([r[1] for r in rows]) if rows[0][1] is not None else None
+        return Conditioning(torch.stack([r[0] for r in rows]), pooled, [r[2] for r in rows])
+
+    def denoise(self, latents, cond, uncond, steps, guidance_scale, width, height, generators):
+        model = self.model
+        scheduler = make_scheduler(self.scheduler_cfg, model.scheduler_config)
+        scheduler.set_timesteps(steps, device=model.device)
+        latents = latents * scheduler.init_noise_sigma
+        guided = guidance_scale > 1
+        embeds = torch.cat([uncond.embeds, cond.embeds]) if guided else cond.embeds
+        pooled = (torch.cat([uncond.pooled, cond.pooled]) if guided else cond.pooled) if cond.pooled is not None else None
+        added = model.added_conditioning(pooled, width, height)
+        step_kwargs = {"generator": generators} if self.step_takes_generator else {}
+        for t in scheduler.timesteps:
+            x = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            noise = model.unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+            if guided:
+                noise_uncond, noise_text = noise.chunk(2)
+                noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        return latents
+
+
+def initial_latents(jobs: list[ImageJob], model: Model, generators: list) -> torch.Tensor:
+    """Each image's starting noise from its own CPU generator (as diffusers draws it for a list of generators)."""
+    factor = model.vae_scale_factor
+    shape = (1, model.unet.config.in_channels, jobs[0].height // factor, jobs[0].width // factor)
+    noise = [torch.randn(shape, generator=g, dtype=model.dtype) for g in generators]
+    return torch.cat(noise).to(model.device)
+
+
+def decode(model: Model, latents: torch.Tensor):
+    """VAE decode in chunks; returns uint8 images on the CPU and a failure reason per image (NaN, all black)."""
+    vae = model.vae
+    pixels, failures = [], []
+    for chunk in latents.split(VAE_CHUNK):
+        images = vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
+        images = (images / 2 + 0.5).clamp(0, 1).float()
+        images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        for image, ok in zip(images, finite):
+            reason = None if ok else "non-finite values (NaN/inf) in the decoded image (fp16 overflow? try dtype=bf16 or fp32)"
+            if ok and int(image.max()) == 0:
+                reason = "all-black image (fp16 overflow in the VAE? try dtype=bf16 or fp32)"
+            pixels.append(None if reason else image)
+            failures.append(reason)
+    return pixels, failures
+
+
+def merge(results: list[BatchResult]) -> BatchResult:
+    seconds = {k: sum(r.seconds[k] for r in results) for k in results[0].seconds}
+    return BatchResult(sum((r.pixels for r in results), []), sum((r.failures for r in results), []),
+                       sum((r.truncated for r in results), []), seconds, min(r.batch_size for r in results))
+
+
+class Stopwatch:
+    """Stage timer: synchronises the device before reading the clock, so GPU work lands in the right stage."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.last = device, time.perf_counter()
+
+    def lap(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+@torch.no_grad()
+def dummy_unet_call(model: Model, batch: int, width: int, height: int) -> None:
+    """One UNet call at the run's real shapes (for attention shape discovery and warm-up)."""
+    unet, factor = model.unet, model.vae_scale_factor
+    x = torch.randn(batch, unet.config.in_channels, height // factor, width // factor, device=model.device, dtype=model.dtype)
+    tokens = model.tokenizers[0].model_max_length
+    embeds = torch.randn(batch, tokens, unet.config.cross_attention_dim, device=model.device, dtype=model.dtype)
+    pooled = None
+    if model.family == "sdxl":
+        pooled = torch.randn(batch, model.text_encoders[-1].config.projection_dim, device=model.device, dtype=model.dtype)
+    t = torch.tensor(999, device=model.device)
+    unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=model.added_conditioning(pooled, width, height))
+
+
+@torch.no_grad()
+def dummy_vae_call(model: Model, batch: int, width: int, height: int) -> None:
+    factor = model.vae_scale_factor
+    z = torch.randn(batch, model.vae.config.latent_channels, height // factor, width // factor,
+                    device=model.device, dtype=model.vae.dtype)
+    model.vae.decode(z)

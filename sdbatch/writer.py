@@ -1,0 +1,97 @@
+"""PNG files with generation metadata, written atomically on a thread pool that overlaps the GPU."""
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+PROVENANCE_KEY = "sdbatch"  # the PNG text chunk holding the JSON provenance (and the ledger row)
+TEMP_PREFIX = ".tmp-"
+
+
+def image_name(row_id: str, image_index: int) -> str:
+    """A safe, stable, collision-free file name for an id: readable slug + hash of the exact id."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", row_id).strip("._")[:60] or "id"
+    digest = hashlib.sha256(row_id.encode("utf-8")).hexdigest()[:12]
+    return f"{slug}-{digest}_{image_index}.png"
+
+
+def a1111_parameters(prompt: str, negative_prompt: str, steps: int, sampler: str, guidance_scale: float,
+                     seed: int, width: int, height: int, model: str) -> str:
+    """The `parameters` text every SD tool reads (AUTOMATIC1111's format)."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance_scale:g}, Seed: {seed}, "
+                 f"Size: {width}x{height}, Model: {model}")
+    return "\n".join(lines)
+
+
+def encode_png(pixels: np.ndarray, parameters: str, provenance: dict) -> bytes:
+    info = PngInfo()
+    info.add_itxt("parameters", parameters)
+    info.add_itxt(PROVENANCE_KEY, json.dumps(provenance, ensure_ascii=False, default=str))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info, compress_level=1)
+    return buffer.getvalue()
+
+
+def read_provenance(path: Path) -> dict | None:
+    """The JSON provenance of an sdbatch PNG, or None when the file is missing, partial or not ours."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # reads to the end: a truncated file raises here
+            return json.loads(image.info[PROVENANCE_KEY])
+    except Exception:
+        return None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete leftovers of writes a crashed run never finished; returns how many."""
+    leftovers = list(folder.glob(f"{TEMP_PREFIX}*")) if folder.is_dir() else []
+    for temp in leftovers:
+        temp.unlink(missing_ok=True)
+    return len(leftovers)
+
+
+class ImageWriter:
+    """Encodes and writes PNGs on worker threads; each submit returns a future of the seconds it took."""
+
+    def __init__(self, threads: int):
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="sdbatch-write")
+
+    def submit(self, path: Path, pixels, parameters: str, provenance: dict) -> Future:
+        return self.pool.submit(self._write, path, pixels, parameters, provenance)
+
+    @staticmethod
+    def _write(path: Path, pixels, parameters: str, provenance: dict) -> float:
+        start = time.perf_counter()
+        write_atomic(path, encode_png(np.asarray(pixels), parameters, provenance))
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
