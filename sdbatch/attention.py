@@ -6,6 +6,7 @@ projections once; which backend runs for each attention shape is decided before 
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -44,14 +45,13 @@ def sdpa(q, k, v, options=None):
 
 def xformers(q, k, v, options=None):
     import xformers.ops as xops
-    return xops.memory_efficient_attention(q.contiguous(), k.contiguous(), v.contiguous(), op=_xformers_op(options))
+    return xops.memory_efficient_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                   op=_xformers_op(options))
 
 
 def _xformers_op(options):
-    import xformers.ops.fmha as fmha
-    op = (options or {}).get("op", "auto")
-    return {"auto": None, "cutlass": fmha.MemoryEfficientAttentionCutlassOp,
-            "flash": fmha.MemoryEfficientAttentionFlashAttentionOp}[op]
+    from xformers.ops import fmha
+    return {"auto": None, "cutlass": fmha.cutlass.FwOp, "flash": fmha.flash.FwOp}[(options or {}).get("op", "auto")]
 
 
 BACKENDS = {"xformers": xformers, "sdpa": sdpa, "vanilla": vanilla}
@@ -68,7 +68,8 @@ def split_attend(fn, q, k, v, options):
 
 # ---------------------------------------------------------------- the processor
 class DispatchProcessor:
-    """diffusers attention processor: projections as AttnProcessor2_0, core attention by the chosen backend."""
+    """diffusers attention processor: projections as AttnProcessor2_0 (fused when the model fused them), the core
+    attention by the variant chosen for its shape."""
 
     def __init__(self, choice: "Choice"):
         self.choice = choice
@@ -84,13 +85,10 @@ class DispatchProcessor:
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        query, key, value = project(attn, hidden_states, encoder_hidden_states)
         batch, heads = query.shape[0], attn.heads
         q, k, v = (t.view(batch, -1, heads, t.shape[-1] // heads) for t in (query, key, value))
-        name, options = self.choice.backend_for(q.shape, k.shape[1])
+        name, options = self.choice.variant_for(q.shape, k.shape[1])
         out = split_attend(BACKENDS[name], q, k, v, options).reshape(batch, -1, query.shape[-1]).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
@@ -100,27 +98,55 @@ class DispatchProcessor:
         return out / attn.rescale_output_factor
 
 
+def project(attn: Attention, hidden_states, encoder_hidden_states):
+    """Query, key and value; one matmul for self-attention QKV (and cross-attention KV) once fused."""
+    if encoder_hidden_states is None:
+        if getattr(attn, "to_qkv", None) is not None and attn.fused_projections:
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        context = hidden_states
+    else:
+        context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        if getattr(attn, "to_kv", None) is not None and attn.fused_projections:
+            return (attn.to_q(hidden_states), *attn.to_kv(context).chunk(2, dim=-1))
+    return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+
+
+def fuse_projections(model) -> None:
+    """Fuse Q/K/V (self-attention) and K/V (cross-attention) weights into single matmuls."""
+    for module in list(model.unet.modules()) + list(model.vae.modules()):
+        if isinstance(module, Attention):
+            module.fuse_projections(fuse=True)
+            module.fused_projections = True
+
+
+Variant = tuple  # (backend name, options dict)
+
+
 class Choice:
-    """Which backend runs for each attention shape (batch, q tokens, kv tokens, heads, head_dim)."""
+    """Which variant (backend + kernel/op) runs for each attention shape (q tokens, kv tokens, heads, head_dim)."""
 
-    def __init__(self, default: str, options: dict | None = None, per_shape: dict | None = None):
-        self.default, self.options, self.per_shape = default, options or {}, per_shape or {}
+    def __init__(self, default: Variant, per_shape: dict | None = None):
+        self.default, self.per_shape = default, per_shape or {}
 
-    def backend_for(self, q_shape, kv_tokens):
-        key = (q_shape[1], kv_tokens, q_shape[2], q_shape[3])
-        return self.per_shape.get(key, self.default), self.options
+    def variant_for(self, q_shape, kv_tokens) -> Variant:
+        return self.per_shape.get((q_shape[1], kv_tokens, q_shape[2], q_shape[3]), self.default)
 
     @property
     def label(self) -> str:
-        """What ran, for the ledger's attention_backend column."""
-        names = sorted(set(self.per_shape.values()) | ({self.default} if not self.per_shape else set()))
-        return "+".join(names)
+        """The backends that really run, for the ledger's attention_backend column."""
+        names = {name for name, _ in self.per_shape.values()} or {self.default[0]}
+        return "+".join(sorted(names))
 
     @property
     def detail(self) -> str:
-        if self.per_shape:
-            return "; ".join(f"q{q} kv{kv} h{h}x{d}: {name}" for (q, kv, h, d), name in sorted(self.per_shape.items()))
-        return ", ".join(f"{k}={v}" for k, v in self.options.items()) or self.default
+        if not self.per_shape:
+            return describe(self.default)
+        return "; ".join(f"q{q} kv{kv} {h}x{d}: {describe(v)}" for (q, kv, h, d), v in sorted(self.per_shape.items()))
+
+
+def describe(variant: Variant) -> str:
+    name, options = variant
+    return "/".join([name, *(str(v) for v in options.values())])
 
 
 def apply(model, choice: Choice) -> None:
@@ -130,20 +156,60 @@ def apply(model, choice: Choice) -> None:
 
 
 # ---------------------------------------------------------------- choosing and checking backends
+def candidates(name: str, options: dict) -> list[Variant]:
+    """The variants a backend setting stands for: an `auto` kernel/op is chosen per shape by timing."""
+    if name == "auto":
+        return candidates("sdpa", {"kernel": "auto"}) + candidates("xformers", {"op": "auto"})
+    if name == "sdpa" and options.get("kernel", "auto") == "auto":
+        return [("sdpa", {"kernel": "auto"})] + [("sdpa", {"kernel": k}) for k in ("flash", "efficient", "cudnn")]
+    if name == "xformers" and options.get("op", "auto") == "auto":
+        return [("xformers", {"op": "cutlass"}), ("xformers", {"op": "flash"})]
+    return [(name, options)]
+
+
 def choose(cfg, model, device: torch.device, dtype: torch.dtype, batch_size: int, width: int, height: int) -> Choice:
-    """The backend choice for this run; stops with a plain-words error when the asked-for backend cannot run."""
+    """The attention variant for every shape of this run; a plain-words error when the asked-for backend can't run.
+
+    On a GPU each shape's candidates are timed (or, for a fixed kernel, tried) at the run's real shapes; a shape
+    that no candidate of the asked-for backend can run falls back to PyTorch SDPA with a warning.
+    """
     options = {k: v for k, v in cfg.items() if k != "name"}
-    if cfg.name == "auto":
-        return choose_auto(model, device, dtype, batch_size, width, height)
-    if cfg.name not in BACKENDS:
+    if cfg.name != "auto" and cfg.name not in BACKENDS:
         raise SdbatchError(f"Unknown attention backend '{cfg.name}': choose one of auto, {', '.join(BACKENDS)}.")
-    problem = why_not(cfg.name, device, dtype, options)
-    if problem:
-        raise SdbatchError(problem)
-    return Choice(cfg.name, options)
+    variants = candidates(cfg.name, options)
+    runnable = [v for v in variants if why_not(*v, device=device, dtype=dtype) is None]
+    if cfg.name != "auto" and not runnable:
+        raise SdbatchError(why_not(*variants[0], device=device, dtype=dtype))
+    for variant in variants:
+        if variant not in runnable:
+            log.warning("attention=%s: leaving out %s: %s", cfg.name, describe(variant), why_not(*variant, device, dtype))
+    if cfg.name == "auto" and not runnable:
+        runnable = [("sdpa", {"kernel": "auto"})]
+    if device.type != "cuda":
+        return Choice(runnable[0])
+    return Choice(runnable[0], per_shape_choice(model, runnable, device, dtype, batch_size, width, height, cfg.name))
 
 
-def why_not(name: str, device: torch.device, dtype: torch.dtype, options: dict | None = None) -> str | None:
+def per_shape_choice(model, runnable, device, dtype, batch_size, width, height, asked) -> dict:
+    timed = len(runnable) > 1
+    cache = TimingCache(device, dtype)
+    per_shape = {}
+    for shape in attention_shapes(model, batch_size, width, height):
+        timings = {describe(v): cache.time(v, shape) if timed else trial(v, shape, device, dtype) for v in runnable}
+        best = min(timings, key=timings.get)
+        if math.isinf(timings[best]):
+            log.warning("attention=%s cannot run shape %s; using sdpa for it", asked, shape)
+            per_shape[shape[1:]] = ("sdpa", {"kernel": "auto"})
+            continue
+        per_shape[shape[1:]] = next(v for v in runnable if describe(v) == best)
+        if timed:
+            cells = "  ".join(f"{name} {ms:.3f}ms" for name, ms in timings.items())
+            log.info("attention b%d q%d kv%d %dx%d: %s -> %s", *shape, cells, best)
+    cache.save()
+    return per_shape
+
+
+def why_not(name: str, options: dict | None = None, device=None, dtype=None) -> str | None:
     """None if the backend runs a smoke call on this device and dtype, else the reason in plain words."""
     if name == "xformers":
         problem = _xformers_problem(device)
@@ -156,7 +222,8 @@ def why_not(name: str, device: torch.device, dtype: torch.dtype, options: dict |
             return f"attention={name} produced non-finite values in its smoke test on {device} ({dtype})."
     except Exception as error:  # any failure here means "can't run"; the message carries the library's reason
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"attention={name} cannot run on {device} ({dtype}): {first_line}. Use attention=auto or attention=sdpa."
+        return (f"attention={describe((name, options or {}))} cannot run on {device} ({dtype}): {first_line}. "
+                f"Use attention=auto or attention=sdpa.")
     return None
 
 
@@ -177,41 +244,31 @@ def _xformers_problem(device: torch.device) -> str | None:
     return None
 
 
-def choose_auto(model, device, dtype, batch_size, width, height) -> Choice:
-    runnable = [name for name in BACKENDS if why_not(name, device, dtype) is None]
-    skipped = [name for name in BACKENDS if name not in runnable]
-    if device.type != "cuda":
-        return Choice("sdpa" if "sdpa" in runnable else runnable[0])
-    for name in skipped:
-        log.warning("attention=auto: leaving out %s: %s", name, why_not(name, device, dtype))
-    shapes = attention_shapes(model, batch_size, width, height)
-    cache_file = Path(os.environ.get("SDBATCH_CACHE", Path.home() / ".cache" / "sdbatch")) / "attention-auto.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    per_shape, table = {}, []
-    for shape in shapes:
-        key = _cache_key(device, dtype, shape)
-        if key not in cache:
-            cache[key] = {name: time_backend(name, shape, device, dtype) for name in runnable}
-        timings = cache[key]
-        per_shape[shape[1:]] = min(timings, key=timings.get)
-        table.append((shape, timings, per_shape[shape[1:]]))
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(cache, indent=1))
-    for (b, nq, nkv, h, d), timings, best in table:
-        cells = "  ".join(f"{name} {ms:.3f}ms" for name, ms in timings.items())
-        log.info("attention=auto  b%d q%d kv%d %dx%d: %s -> %s", b, nq, nkv, h, d, cells, best)
-    return Choice(runnable[0], per_shape=per_shape)
+class TimingCache:
+    """Per-shape timings on disk, keyed by GPU, library versions, dtype, shape and variant."""
 
+    def __init__(self, device, dtype):
+        import diffusers
+        try:
+            import xformers
+            xformers_version = xformers.__version__
+        except ImportError:
+            xformers_version = "none"
+        self.device, self.dtype = device, dtype
+        self.prefix = (f"{torch.cuda.get_device_name(device)}|torch {torch.__version__}|xformers {xformers_version}|"
+                       f"diffusers {diffusers.__version__}|{dtype}")
+        self.path = Path(os.environ.get("SDBATCH_CACHE", Path.home() / ".cache" / "sdbatch")) / "attention-timings.json"
+        self.entries = json.loads(self.path.read_text()) if self.path.exists() else {}
 
-def _cache_key(device, dtype, shape) -> str:
-    import diffusers
-    try:
-        import xformers
-        xformers_version = xformers.__version__
-    except ImportError:
-        xformers_version = "none"
-    gpu = torch.cuda.get_device_name(device)
-    return f"{gpu}|torch {torch.__version__}|xformers {xformers_version}|diffusers {diffusers.__version__}|{dtype}|{shape}"
+    def time(self, variant: Variant, shape) -> float:
+        key = f"{self.prefix}|{shape}|{describe(variant)}"
+        if key not in self.entries:
+            self.entries[key] = time_variant(variant, shape, self.device, self.dtype)
+        return self.entries[key]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.entries, indent=1))
 
 
 @torch.no_grad()
@@ -220,40 +277,49 @@ def attention_shapes(model, batch_size: int, width: int, height: int) -> list[tu
     shapes = set()
 
     class Recorder(DispatchProcessor):
-        def __init__(self):
-            super().__init__(Choice("sdpa"))
-
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
             tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
             kv = tokens if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-            head_dim = attn.to_q.out_features // attn.heads
-            shapes.add((hidden_states.shape[0], tokens, kv, attn.heads, head_dim))
+            shapes.add((hidden_states.shape[0], tokens, kv, attn.heads, attn.inner_dim // attn.heads))
             return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
 
-    recorder = Recorder()
+    from sdbatch.render import VAE_CHUNK, dummy_unet_call, dummy_vae_call
     unet_processors, vae_processors = model.unet.attn_processors, model.vae.attn_processors
+    recorder = Recorder(Choice(("sdpa", {"kernel": "auto"})))
     model.unet.set_attn_processor(recorder)
     model.vae.set_attn_processor(recorder)
-    from sdbatch.render import dummy_unet_call, dummy_vae_call
     dummy_unet_call(model, 2 * batch_size, width, height)
-    dummy_vae_call(model, 1, width, height)
+    dummy_vae_call(model, min(batch_size, VAE_CHUNK), width, height)
     model.unet.set_attn_processor(unet_processors)
     model.vae.set_attn_processor(vae_processors)
     return sorted(shapes)
 
 
-def time_backend(name, shape, device, dtype, repeats: int = 10) -> float:
-    """Median milliseconds of one attention call at this shape (CUDA events, after a warm-up)."""
+def trial(variant: Variant, shape, device, dtype) -> float:
+    """0 if the variant runs this shape with finite output, else inf."""
     b, nq, nkv, h, d = shape
     q = torch.randn(b, nq, h, d, device=device, dtype=dtype)
     kv = torch.randn(b, nkv, h, d, device=device, dtype=dtype)
-    for _ in range(2):
-        split_attend(BACKENDS[name], q, kv, kv, None)
+    try:
+        return 0.0 if torch.isfinite(split_attend(BACKENDS[variant[0]], q, kv, kv, variant[1])).all() else math.inf
+    except Exception:
+        return math.inf
+
+
+def time_variant(variant: Variant, shape, device, dtype, repeats: int = 10) -> float:
+    """Median milliseconds of one attention call at this shape (CUDA events, after a warm-up); inf if it fails."""
+    if math.isinf(trial(variant, shape, device, dtype)):
+        return math.inf
+    b, nq, nkv, h, d = shape
+    q = torch.randn(b, nq, h, d, device=device, dtype=dtype)
+    kv = torch.randn(b, nkv, h, d, device=device, dtype=dtype)
+    fn, options = BACKENDS[variant[0]], variant[1]
+    split_attend(fn, q, kv, kv, options)
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        split_attend(BACKENDS[name], q, kv, kv, None)
+        split_attend(fn, q, kv, kv, options)
         end.record()
         torch.cuda.synchronize(device)
         times.append(start.elapsed_time(end))
@@ -261,6 +327,6 @@ def time_backend(name, shape, device, dtype, repeats: int = 10) -> float:
 
 
 def attention_flops(shape) -> float:
+    """FLOPs of softmax(QK^T)V at (batch, q tokens, kv tokens, heads, head_dim): two matmuls."""
     b, nq, nkv, h, d = shape
     return 4.0 * b * h * nq * nkv * d
-

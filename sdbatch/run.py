@@ -60,7 +60,8 @@ def run(cfg) -> int:
     worker = local_worker(resolve_worker(cfg.worker_index, cfg.num_workers, os.environ),
                           int(os.environ.get("SDBATCH_LOCAL_RANK", 0)), int(os.environ.get("SDBATCH_LOCAL_COUNT", 1)))
     if cfg.attention.name != "auto":  # fail before the (slow) model load when the backend cannot run at all
-        problem = attention.why_not(cfg.attention.name, device, dtype, dict(cfg.attention))
+        options = {k: v for k, v in cfg.attention.items() if k != "name"}
+        problem = attention.why_not(cfg.attention.name, options, device, dtype)
         if problem:
             raise SdbatchError(problem)
     settings = {"model": model_revision(cfg.model), "scheduler": cfg.scheduler.name, "steps": cfg.steps,
