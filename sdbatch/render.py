@@ -157,18 +157,23 @@ class Stopwatch:
         return elapsed
 
 
+def random_unet_inputs(model: Model, batch: int, width: int, height: int):
+    """Random UNet inputs at the run's real shapes: latents, text embeddings, SDXL's added conditioning."""
+    unet, factor, device, dtype = model.unet, model.vae_scale_factor, model.device, model.dtype
+    x = torch.randn(batch, unet.config.in_channels, height // factor, width // factor, device=device, dtype=dtype)
+    tokens = model.tokenizers[0].model_max_length
+    embeds = torch.randn(batch, tokens, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    pooled = None
+    if model.family == "sdxl":
+        pooled = torch.randn(batch, model.text_encoders[-1].config.projection_dim, device=device, dtype=dtype)
+    return x, embeds, model.added_conditioning(pooled, width, height)
+
+
 @torch.no_grad()
 def dummy_unet_call(model: Model, batch: int, width: int, height: int) -> None:
     """One UNet call at the run's real shapes (for attention shape discovery and warm-up)."""
-    unet, factor = model.unet, model.vae_scale_factor
-    x = torch.randn(batch, unet.config.in_channels, height // factor, width // factor, device=model.device, dtype=model.dtype)
-    tokens = model.tokenizers[0].model_max_length
-    embeds = torch.randn(batch, tokens, unet.config.cross_attention_dim, device=model.device, dtype=model.dtype)
-    pooled = None
-    if model.family == "sdxl":
-        pooled = torch.randn(batch, model.text_encoders[-1].config.projection_dim, device=model.device, dtype=model.dtype)
-    t = torch.tensor(999, device=model.device)
-    unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=model.added_conditioning(pooled, width, height))
+    x, embeds, added = random_unet_inputs(model, batch, width, height)
+    model.unet(x, torch.tensor(999, device=model.device), encoder_hidden_states=embeds, added_cond_kwargs=added)
 
 
 @torch.no_grad()
