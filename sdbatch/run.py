@@ -21,7 +21,7 @@ from sdbatch.manifest import Defaults, ImageJob, Manifest, read_manifest
 from sdbatch.models import load_model, model_revision
 from sdbatch.plan import Worker, local_worker, resolve_worker, shard_of, shards_for
 from sdbatch.render import Renderer, batch_key
-from sdbatch.writer import ImageWriter, a1111_parameters, image_name, read_provenance, remove_temp_files
+from sdbatch.writer import ImageWriter, a1111_parameters, image_name, read_provenance, remove_temp_files, temp_files
 
 log = logging.getLogger("sdbatch")
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1; rerun the same command to continue
@@ -44,6 +44,7 @@ class Context:
     counts: Counter = field(default_factory=Counter)
     seconds: Counter = field(default_factory=Counter)
     bar: tqdm | None = None
+    current: "ShardRun | None" = None  # the shard being rendered: its ledger is written if a stop times out
 
 
 def run(cfg) -> int:
@@ -182,7 +183,8 @@ class ShardRun:
         ctx = self.ctx
         ctx.counts["unchanged"] += len(self.rows)
         ctx.counts["removed"] += len(self.removed)
-        if not self.todo and not self.removed and not self.skipped and self.ledger_file.exists():
+        if not self.todo and not self.removed and not self.skipped and self.ledger_file.exists() and not (
+                temp_files(self.image_dir) or temp_files(self.ledger_file.parent, self.ledger_file.name)):
             return  # complete: nothing to do
         lock = ShardLock(ctx.output_dir, self.shard, ctx.cfg.lock_stale_s)
         holder = lock.acquire()
@@ -198,6 +200,7 @@ class ShardRun:
     def render(self, lock: ShardLock) -> None:
         ctx = self.ctx
         remove_temp_files(self.image_dir)
+        remove_temp_files(self.ledger_file.parent, self.ledger_file.name)
         self.plan()  # again, under the lock: another worker may have finished images meanwhile
         self.adopt_finished_images()
         changed = sum((j.id, j.image_index) in self.changed for j in self.todo)
@@ -208,16 +211,20 @@ class ShardRun:
                 if row.get("image_path"):
                     (ctx.output_dir / row["image_path"]).unlink(missing_ok=True)
         self.pending = []
+        ctx.current = self
         last_flush = time.monotonic()
         for batch in batches(self.todo, ctx.cfg.batch_size):
             if ctx.stop.is_set():
                 break
+            if any(f.done() and f.exception() is not None for f in self.pending):
+                break  # a write failed: stop rendering; flush() records what was written and reports it
             self.render_batch(batch)
             lock.refresh()
             if time.monotonic() - last_flush > LEDGER_FLUSH_S:
                 self.flush(wait=False)
                 last_flush = time.monotonic()
         self.flush(wait=True)
+        ctx.current = None
 
     @property
     def image_dir(self) -> Path:
@@ -299,15 +306,24 @@ class ShardRun:
 
     def flush(self, wait: bool) -> None:
         """Write the shard's ledger: every image on disk now, the shard's skipped rows; removed rows leave it."""
-        if wait:
-            for future in self.pending:
-                error = future.exception()
-                if error is not None:
-                    raise SdbatchError(f"Writing an image under {self.image_dir} failed: {error}. The images already "
-                                       f"written are recorded in {self.ledger_file}; fix the disk and rerun.") from None
+        errors = [f.exception() for f in self.pending] if wait else []  # waits for every write in flight
         with self.rows_lock:
             rows = list(self.rows.values())
-        write_ledger(self.ledger_file, rows + self.skipped_rows())
+        write_ledger(self.ledger_file, rows + self.skipped_rows())  # first: what was written is recorded
+        error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise SdbatchError(f"Writing an image under {self.image_dir} failed: {describe_os_error(error)}. The "
+                               f"images already written are recorded in {self.ledger_file}; fix the disk and rerun."
+                               ) from None
+
+
+def describe_os_error(error: BaseException) -> str:
+    """Plain words for the usual disk problems: '... is a file, not a folder', 'no space left', ..."""
+    if isinstance(error, (FileExistsError, NotADirectoryError)) and getattr(error, "filename", None):
+        return f"{error.strerror}: {error.filename} (a file is where a folder should be)"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}" + (f": {error.filename}" if error.filename else "")
+    return str(error) or type(error).__name__
 
 
 def batches(jobs: list[ImageJob], batch_size: int):
@@ -363,7 +379,16 @@ class stop_on_signals:
     def give_up(self):
         log.warning("the batch in flight did not finish within %ss: exiting; its images will be rendered on rerun",
                     self.ctx.cfg.stop_timeout_s)
-        os._exit(EXIT_INTERRUPTED)
+        shard = self.ctx.current
+        try:
+            if shard is not None:
+                shard.flush(wait=False)  # record the images already written before leaving
+        except Exception as error:  # exiting anyway: the rerun re-adopts unrecorded images from their metadata
+            log.warning("could not write the ledger of shard %d before exiting: %s", shard.shard, error)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
 
 
 def print_summary(ctx: Context, wall_s: float) -> None:

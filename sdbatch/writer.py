@@ -16,6 +16,9 @@ from PIL.PngImagePlugin import PngInfo
 
 PROVENANCE_KEY = "sdbatch"  # the PNG text chunk holding the JSON provenance (and the ledger row)
 TEMP_PREFIX = ".tmp-"
+_UMASK = os.umask(0o022)  # read once at import (os.umask sets it too, so it is not safe on writer threads)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give: mkstemp's 0600 would hide outputs from the rest of a team
 
 
 def image_name(row_id: str, image_index: int) -> str:
@@ -58,9 +61,10 @@ def read_provenance(path: Path) -> dict | None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary name in the same folder, fsync, then rename: readers see all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+    fd, temp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}-", dir=path.parent)  # named: cleanable per file
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), FILE_MODE)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -70,9 +74,14 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def remove_temp_files(folder: Path) -> int:
+def temp_files(folder: Path, name: str = "") -> list[Path]:
+    """Leftovers of writes a crashed run never finished (all of the folder's, or those for one file name)."""
+    return list(folder.glob(f"{TEMP_PREFIX}{name}*")) if folder.is_dir() else []
+
+
+def remove_temp_files(folder: Path, name: str = "") -> int:
     """Delete leftovers of writes a crashed run never finished; returns how many."""
-    leftovers = list(folder.glob(f"{TEMP_PREFIX}*")) if folder.is_dir() else []
+    leftovers = temp_files(folder, name)
     for temp in leftovers:
         temp.unlink(missing_ok=True)
     return len(leftovers)
