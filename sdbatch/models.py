@@ -59,6 +59,18 @@ class Model:
         # SDXL's VAE overflows in fp16 (diffusers upcasts it the same way).
         return dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
 
+    def optimise(self, fuse_qkv: bool, channels_last: bool, compile_mode: str | None) -> None:
+        """Speed levers for fixed-shape GPU batches; call after the attention processors are set."""
+        if fuse_qkv:
+            from sdbatch.attention import fuse_projections
+            fuse_projections(self)
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        if compile_mode:
+            self.unet = torch.compile(self.unet, mode=compile_mode, dynamic=False)
+            self.vae.decode = torch.compile(self.vae.decode, mode=compile_mode, dynamic=False)
+
     @torch.no_grad()
     def encode(self, texts: list[str], zero_empty: bool = False) -> Conditioning:
         """Text embeddings for a list of prompts, exactly as diffusers' pipelines compute them."""

@@ -69,7 +69,8 @@ class Renderer:
         latents = self.denoise(latents, cond, uncond, first.steps, first.guidance_scale, first.width, first.height,
                                generators)
         seconds["denoise_s"] = clock.lap()
-        pixels, failures = decode(model, latents[:len(jobs)])
+        pixels, failures = decode(model, latents if self.pad_to else latents[:len(jobs)])  # padded: one shape
+        pixels, failures = pixels[:len(jobs)], failures[:len(jobs)]
         seconds["vae_decode_s"] = clock.lap()
         return BatchResult(pixels, failures, cond.truncated[:len(jobs)], seconds, len(padded))
 

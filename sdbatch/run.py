@@ -75,6 +75,7 @@ def run(cfg) -> int:
     choice = attention.choose(cfg.attention, model, device, dtype, cfg.batch_size, width, height)
     attention.apply(model, choice)
     num_shards = open_folder(*folder_args)  # the first write to output_dir
+    speed_up(model, cfg, output_dir)
     renderer = Renderer(model, cfg.scheduler, pad_to=cfg.batch_size if cfg.compile else None)
     ctx = Context(cfg, output_dir, worker, renderer, ImageWriter(cfg.write_threads), choice,
                   device_label(device), provenance_base(cfg, model, choice))
@@ -94,6 +95,19 @@ def check_run_settings(cfg, width: int, height: int) -> None:
                  if not isinstance(cfg[name], int) or cfg[name] < 1]
     if problems:
         raise SdbatchError("Invalid run settings: " + "; ".join(problems) + ".")
+
+
+def speed_up(model, cfg, output_dir: Path) -> None:
+    """GPU levers: cuDNN autotuning (every batch has one static shape), fused projections, torch.compile with a
+    compile cache kept in the output folder so array tasks and nightly reruns reuse it."""
+    if model.device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    if cfg.compile:
+        cache = Path(cfg.compile_cache or output_dir / ".cache" / "torch").absolute()
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+        os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+    model.optimise(cfg.fuse_qkv, cfg.channels_last, cfg.compile_mode if cfg.compile else None)
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

@@ -79,7 +79,8 @@ def test_vanilla_memory_grows_quadratically_xformers_linearly():
                 peaks[name, size] = peak_memory_gib(lambda: model.unet(x, t, encoder_hidden_states=embeds))
     print({f"{k[0]}@{k[1]}": round(v, 2) for k, v in peaks.items()})
     weights = sum(p.numel() * p.element_size() for p in model.unet.parameters()) / 2 ** 30
-    vanilla_growth = (peaks["vanilla", 768] - weights) / (peaks["vanilla", 384] - weights)
+    # 4x the tokens: the materialised score matrices grow 16x; everything xformers keeps grows at most 4x.
+    scores_growth = (peaks["vanilla", 768] - peaks["xformers", 768]) / (peaks["vanilla", 384] - peaks["xformers", 384])
     xformers_growth = (peaks["xformers", 768] - weights) / (peaks["xformers", 384] - weights)
     assert peaks["vanilla", 768] > 2 * peaks["xformers", 768]
-    assert vanilla_growth > 8 and xformers_growth < 5, (vanilla_growth, xformers_growth)
+    assert scores_growth > 10 and xformers_growth <= 4, (scores_growth, xformers_growth)

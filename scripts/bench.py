@@ -1,0 +1,197 @@
+"""Throughput benchmark: sdbatch end to end against diffusers' pipeline, all in one process on one GPU, with the
+same random-weight full-size model and the same prompts.
+
+    python scripts/bench.py --model sd15 --size 512 --steps 50 --out docs/benchmarks/h200.json
+    python scripts/bench.py --smoke --out /tmp/bench.json          # CPU smoke test (model=tiny; numbers meaningless)
+
+Rows: diffusers-vanilla-b1, diffusers-xformers-b1, diffusers-sdpa-best (best of 16/32 prompts per call),
+sdbatch-xformers, sdbatch-sdpa, sdbatch-best. Per row: images/s (steady state, after the first call or batch),
+peak GPU memory, time to first image (load + compile + first batch). Also the fp16 matmul TFLOP/s of this run and the
+UNet's MFU against it (sdbatch rows: from the ledger's denoising time per step).
+"""
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sdbatch.benchmark import matmul_peak_tflops, unet_flops_per_latent  # noqa: E402
+from sdbatch.models import load_model  # noqa: E402
+from sdbatch.render import make_scheduler  # noqa: E402
+from sdbatch.run import run  # noqa: E402
+
+PROMPTS = [f"studio product photo of item {i}: a {c} {o} on a white background, soft light"
+           for i, (c, o) in enumerate((c, o) for o in ("vase", "handbag", "sneaker", "lamp", "mug", "chair", "watch",
+                                                          "backpack") for c in ("red", "blue", "green", "black"))]
+
+
+def config(overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def reset_memory():
+    gc.collect()
+    if cuda():
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if cuda() else None
+
+
+def sync():
+    if cuda():
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- diffusers rows
+def diffusers_row(name, args, model_cfg, processor, prompts_per_call, images):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    reset_memory()
+    start = time.perf_counter()
+    model = load_model(model_cfg)
+    device, dtype = (torch.device("cuda"), torch.float16) if cuda() else (torch.device("cpu"), torch.float32)
+    model.to(device, dtype)
+    scheduler = make_scheduler(config(["scheduler=pndm"]).scheduler, model.scheduler_config)
+    parts = dict(vae=model.vae, unet=model.unet, scheduler=scheduler, text_encoder=model.text_encoders[0],
+                 tokenizer=model.tokenizers[0])
+    if model.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(text_encoder_2=model.text_encoders[1], tokenizer_2=model.tokenizers[1], **parts)
+    else:
+        pipe = StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.set_attn_processor(processor)
+    pipe.vae.set_attn_processor(processor)
+    calls, done, first_image_s, steady_start = max(2, images // prompts_per_call), 0, None, None
+    for call in range(calls):
+        prompts = [PROMPTS[(done + i) % len(PROMPTS)] for i in range(prompts_per_call)]
+        pipe(prompts, num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
+             generator=[torch.Generator().manual_seed(done + i) for i in range(prompts_per_call)], output_type="pil")
+        sync()
+        done += prompts_per_call
+        if call == 0:
+            first_image_s = time.perf_counter() - start
+            steady_start = time.perf_counter()
+    steady = (done - prompts_per_call) / (time.perf_counter() - steady_start)
+    row = {"name": name, "images_per_s": steady, "peak_mem_gib": peak_gib(), "time_to_first_image_s": first_image_s,
+           "images": done, "prompts_per_call": prompts_per_call}
+    del pipe, model
+    return row
+
+
+# ---------------------------------------------------------------- sdbatch rows
+def sdbatch_row(name, args, overrides, images, work: Path):
+    reset_memory()
+    manifest = work / f"{name}.parquet"
+    pq.write_table(pa.table({"id": [f"{name}-{i}" for i in range(images)],
+                             "prompt": [PROMPTS[i % len(PROMPTS)] for i in range(images)]}), manifest)
+    out = work / name
+    cfg = config([f"prompts={manifest}", f"output_dir={out}", f"model={args.model}", f"steps={args.steps}",
+                  f"width={args.size}", f"height={args.size}", "progress=false", *args.model_overrides, *overrides])
+    start = time.time()
+    code = run(cfg)
+    assert code == 0, f"{name}: sdbatch exited {code}"
+    rows = sorted((r for f in (out / "ledger").glob("*.parquet") for r in pq.read_table(f).to_pylist()),
+                  key=lambda r: r["finished_at"])
+    assert len(rows) == images and all(r["status"] == "ok" for r in rows), f"{name}: not every image rendered"
+    batch = rows[0]["batch_size"]
+    first, last = rows[batch - 1]["finished_at"], rows[-1]["finished_at"]
+    steady = (images - batch) / (last - first).total_seconds()
+    load_s = rows[0]["finished_at"].timestamp() - start  # load + compile + first batch
+    step_s = sum(r["denoise_s"] for r in rows[batch:]) / (images - batch) * batch / args.steps  # per UNet step
+    row = {"name": name, "images_per_s": steady, "peak_mem_gib": peak_gib(), "time_to_first_image_s": load_s,
+           "images": images, "batch_size": batch, "unet_step_ms": 1000 * step_s,
+           "attention_backend": rows[-1]["attention_backend"], "overrides": overrides}
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd15")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--images", type=int, default=160, help="images per sdbatch row")
+    parser.add_argument("--batch", type=int, default=16, help="sdbatch batch size (images)")
+    parser.add_argument("--best", default="attention=auto compile=true", help="overrides of the sdbatch-best row")
+    parser.add_argument("--rows", default="all", help="comma-separated row names to run (default all)")
+    parser.add_argument("--smoke", action="store_true", help="CPU smoke test: model=tiny, few steps and images")
+    parser.add_argument("--out", default="docs/benchmarks/h200.json")
+    args = parser.parse_args()
+    if args.smoke:
+        args.model, args.size, args.steps, args.images, args.batch = "tiny", 64, 2, 8, 4
+    args.model_overrides = [] if args.model == "tiny" else ["model.random_weights=true"]
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
+    model_cfg = config([f"model={args.model}", *args.model_overrides]).model
+    gpu = torch.cuda.get_device_name() if cuda() else "cpu"
+    peak = matmul_peak_tflops() if cuda() else None
+    report = {"gpu": gpu, "matmul_tflops": peak, "command": "python " + " ".join(sys.argv), "model": args.model,
+              "size": args.size, "steps": args.steps, "guidance_scale": 7.5, "scheduler": "pndm",
+              "versions": {"torch": torch.__version__}, "rows": []}
+    b1_images = 2 if args.smoke else 4
+    xformers_ok = cuda()
+    plan = [
+        ("diffusers-vanilla-b1", lambda: diffusers_row("diffusers-vanilla-b1", args, model_cfg, AttnProcessor(), 1, b1_images)),
+        ("diffusers-xformers-b1", lambda: diffusers_row("diffusers-xformers-b1", args, model_cfg, XFormersAttnProcessor(), 1, b1_images)),
+        ("diffusers-sdpa-best", lambda: max((diffusers_row("diffusers-sdpa-best", args, model_cfg, AttnProcessor2_0(), n, 2 * n)
+                                             for n in ((2,) if args.smoke else (16, 32))), key=lambda r: r["images_per_s"])),
+        ("sdbatch-xformers", lambda: sdbatch_row("sdbatch-xformers", args, ["attention=xformers", f"batch_size={args.batch}"], args.images, work)),
+        ("sdbatch-sdpa", lambda: sdbatch_row("sdbatch-sdpa", args, ["attention=sdpa", f"batch_size={args.batch}"], args.images, work)),
+        ("sdbatch-best", lambda: sdbatch_row("sdbatch-best", args, [*args.best.split(), f"batch_size={args.batch}"], args.images, work)),
+    ]
+    work = Path(tempfile.mkdtemp(prefix="sdbatch-bench-"))
+    for name, measure in plan:
+        if args.rows != "all" and name not in args.rows.split(","):
+            continue
+        if "xformers" in name and not xformers_ok:
+            print(f"{name}: skipped (xformers needs a CUDA GPU)", flush=True)
+            continue
+        row = measure()
+        report["rows"].append(row)
+        print(f"{name:24s} {row['images_per_s']:6.2f} images/s  first image {row['time_to_first_image_s']:6.1f}s  "
+              f"peak {row['peak_mem_gib'] or 0:5.1f} GiB", flush=True)
+    if cuda():
+        model = load_model(model_cfg).to(torch.device("cuda"), torch.float16)
+        flops_per_latent = unet_flops_per_latent(model, args.size, args.size)
+        report["unet_tflop_per_latent_step"] = flops_per_latent / 1e12
+        for row in report["rows"]:
+            if "unet_step_ms" in row:
+                row["unet_mfu"] = flops_per_latent * 2 * row["batch_size"] / (row["unet_step_ms"] / 1000) / 1e12 / peak
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+    shutil.rmtree(work, ignore_errors=True)
+    print(markdown_table(report))
+
+
+def markdown_table(report) -> str:
+    lines = [f"{report['gpu']}, {report['model']} {report['size']}x{report['size']}, {report['steps']} PNDM steps, "
+             f"CFG 7.5; fp16 matmul {report['matmul_tflops'] or 0:.0f} TFLOP/s", "",
+             "| setup | images/s | peak GiB | first image s | UNet MFU |", "|---|---|---|---|---|"]
+    for row in report["rows"]:
+        mfu = f"{row['unet_mfu']:.0%}" if row.get("unet_mfu") else ""
+        lines.append(f"| {row['name']} | {row['images_per_s']:.2f} | {row['peak_mem_gib'] or 0:.1f} | "
+                     f"{row['time_to_first_image_s']:.1f} | {mfu} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
