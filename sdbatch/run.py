@@ -189,6 +189,12 @@ class ShardRun:
                     self.changed.add(ident)
                 self.todo.append(job)
         self.removed = [r for ident, r in old.items() if ident not in self.keys]
+        self.orphans = self.find_orphans() if ctx.cfg.prune else []
+
+    def find_orphans(self) -> list[Path]:
+        """Images in the shard's folder that no current row names (rows removed on an earlier run without prune)."""
+        current = {image_name(j.id, j.image_index) for j in self.jobs}
+        return sorted(p for p in self.image_dir.glob("*.png") if p.name not in current) if self.image_dir.is_dir() else []
 
     def exists(self, row) -> bool:
         return bool(row.get("image_path")) and (self.ctx.output_dir / row["image_path"]).exists()
@@ -197,7 +203,7 @@ class ShardRun:
         ctx = self.ctx
         ctx.counts["unchanged"] += len(self.rows)
         ctx.counts["removed"] += len(self.removed)
-        if not self.todo and not self.removed and not self.skipped and self.ledger_file.exists() and not (
+        if not (self.todo or self.removed or self.skipped or self.orphans) and self.ledger_file.exists() and not (
                 temp_files(self.image_dir) or temp_files(self.ledger_file.parent, self.ledger_file.name)):
             return  # complete: nothing to do
         lock = ShardLock(ctx.output_dir, self.shard, ctx.cfg.lock_stale_s)
@@ -220,10 +226,10 @@ class ShardRun:
         changed = sum((j.id, j.image_index) in self.changed for j in self.todo)
         ctx.counts["new"] += len(self.todo) - changed
         ctx.counts["changed"] += changed
-        if ctx.cfg.prune:
-            for row in self.removed:
-                if row.get("image_path"):
-                    (ctx.output_dir / row["image_path"]).unlink(missing_ok=True)
+        if ctx.cfg.prune:  # the removed rows' images, and any an earlier run without prune kept
+            for path in self.orphans:
+                path.unlink(missing_ok=True)
+            ctx.counts["pruned"] += len(self.orphans)
         self.pending = []
         ctx.current = self
         last_flush = time.monotonic()
@@ -407,6 +413,7 @@ class stop_on_signals:
 
 def print_summary(ctx: Context, wall_s: float) -> None:
     c = ctx.counts
+    pruned = f" ({c['pruned']} images pruned)" if c["pruned"] else ""
     rendered = c["ok"] + c["failed"]
     stage_total = sum(ctx.seconds[s] for s in STAGES) or 1.0
     shares = ", ".join(f"{s.removesuffix('_s').replace('_', ' ')} {100 * ctx.seconds[s] / stage_total:.0f}%"
@@ -415,7 +422,7 @@ def print_summary(ctx: Context, wall_s: float) -> None:
         f"sdbatch worker {ctx.worker.index}/{ctx.worker.count}: {rendered} images rendered ({c['failed']} failed) "
         f"in {wall_s:.1f}s, {rendered / wall_s:.2f} images/s",
         f"  images: {c['new']} new, {c['changed']} changed, {c['unchanged']} unchanged, {c['removed']} removed"
-        f"{' (pruned)' if ctx.cfg.prune and c['removed'] else ''}, {c['recovered']} recovered from an earlier run",
+        f"{pruned}, {c['recovered']} recovered from an earlier run",
         f"  stage time: {shares}",
     ]
     if c["busy shards"]:
