@@ -151,6 +151,11 @@ def test_kill_9_at_random_points_then_rerun_renders_everything_exactly_once(tmp_
     in_ledger = ledger_paths(out)
     orphans = {p: (out / p).stat().st_mtime_ns for p in images_on_disk(out) - in_ledger}  # written, never recorded
     assert len(in_ledger) + len(orphans) < len(EXPECTED), "the kills came too late to leave work undone"
+    for shard in range(4):  # what a kill in the middle of a write leaves, in every shard (finished ones too)
+        (out / "images" / f"{shard:05d}").mkdir(parents=True, exist_ok=True)
+        (out / "images" / f"{shard:05d}" / f"{TEMP_PREFIX}item-99-0123456789ab_0.png-x1y2z3").write_bytes(b"\x89PNG")
+        (out / "ledger").mkdir(exist_ok=True)
+        (out / "ledger" / f"{TEMP_PREFIX}shard-{shard:05d}.parquet-x1y2z3").write_bytes(b"PAR1")
     final = Run(tmp_path, manifest, out)
     wait_for(lambda: final.proc.poll() is not None, 240, every=0.25, check=lambda: assert_ledgers_behind_images(out))
     assert final.wait() == 0, final.stderr
