@@ -225,7 +225,7 @@ def why_not(name: str, options: dict | None = None, device=None, dtype=None) -> 
         if not torch.isfinite(out).all():
             return f"attention={name} produced non-finite values in its smoke test on {device} ({dtype})."
     except Exception as error:  # any failure here means "can't run"; the message carries the library's reason
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
         return (f"attention={describe((name, options or {}))} cannot run on {device} ({dtype}): {first_line}. "
                 f"Use attention=auto or attention=sdpa.")
     return None

@@ -389,9 +389,9 @@ class stop_on_signals:
     def handle(self, signum, frame):
         if self.ctx.stop.is_set():
             return
+        self.ctx.stop.set()
         log.warning("received %s: finishing the batch in flight (at most %ss), then recording and exiting",
                     signal.Signals(signum).name, self.ctx.cfg.stop_timeout_s)
-        self.ctx.stop.set()
         watchdog = threading.Timer(self.ctx.cfg.stop_timeout_s, self.give_up)
         watchdog.daemon = True
         watchdog.start()
