@@ -56,8 +56,8 @@ class Model:
         return self
 
     def vae_needs_fp32(self, dtype: torch.dtype) -> bool:
-        # SDXL's VAE overflows in fp16 (diffusers upcasts it the same way).
-        return dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
+        # SDXL's VAE overflows in fp16; diffusers' SDXL pipeline upcasts it the same way (its SD pipeline does not).
+        return self.family == "sdxl" and dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
 
     def optimise(self, fuse_qkv: bool, channels_last: bool, compile_mode: str | None) -> None:
         """Speed levers for fixed-shape GPU batches; call after the attention processors are set."""
