@@ -72,6 +72,7 @@ def diffusers_row(name, args, model_cfg, processor, prompts_per_call, images):
     model = load_model(model_cfg)
     device, dtype = (torch.device("cuda"), torch.float16) if cuda() else (torch.device("cpu"), torch.float32)
     model.to(device, dtype)
+    model.vae.to(dtype)  # diffusers' SDXL pipeline upcasts its fp16 VAE itself
     scheduler = make_scheduler(config(["scheduler=pndm"]).scheduler, model.scheduler_config)
     parts = dict(vae=model.vae, unet=model.unet, scheduler=scheduler, text_encoder=model.text_encoders[0],
                  tokenizer=model.tokenizers[0])
