@@ -1,17 +1,20 @@
 """python -m sdbatch prompts=catalog.parquet [key=value ...]"""
 
 import logging
+import os
+import signal
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from sdbatch import SdbatchError
+from sdbatch import EXIT_INTERRUPTED, SdbatchError
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sdbatch %(levelname)s %(message)s", stream=sys.stderr)
+    stop_before_rendering()
     quiet_libraries()
     from sdbatch.launch import launch  # imported late: torch and diffusers take seconds to import
     try:
@@ -21,6 +24,17 @@ def main(cfg: DictConfig) -> None:
         code = 2
     if code:
         sys.exit(code)
+
+
+def stop_before_rendering() -> None:
+    """Until the worker takes over the stop signals, SIGTERM/SIGUSR1 mean "nothing started yet: rerun" (exit 75)."""
+    def interrupted(signum, frame):
+        print(f"sdbatch: stopped by {signal.Signals(signum).name} before rendering; rerun to continue",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, interrupted)
 
 
 def quiet_libraries() -> None:

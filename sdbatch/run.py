@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from sdbatch import SdbatchError, attention
+from sdbatch import EXIT_INTERRUPTED, SdbatchError, attention
 from sdbatch.ledger import CORE_COLUMNS, ShardLock, content_key, ledger_path, open_folder, read_ledger, write_ledger
 from sdbatch.manifest import Defaults, ImageJob, Manifest, read_manifest
 from sdbatch.models import load_model, model_revision
@@ -24,7 +24,6 @@ from sdbatch.render import Renderer, batch_key
 from sdbatch.writer import ImageWriter, a1111_parameters, image_name, read_provenance, remove_temp_files, temp_files
 
 log = logging.getLogger("sdbatch")
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1; rerun the same command to continue
 LEDGER_FLUSH_S = 30.0  # a running shard's ledger is rewritten at least this often
 STAGES = ("text_encode_s", "denoise_s", "vae_decode_s", "write_s")
 
