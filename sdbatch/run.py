@@ -1,5 +1,6 @@
 """One worker process: validate everything, open the output folder, render this worker's shards, summarise."""
 
+import json
 import logging
 import os
 import signal
@@ -177,12 +178,13 @@ class ShardRun:
         old = {(r["id"], r["image_index"]): r for r in read_ledger(self.ledger_file) if r["status"] != "skipped"}
         self.keys = {(j.id, j.image_index): content_key(j, ctx.cfg.scheduler.name, ctx.renderer.model.revision)
                      for j in self.jobs}
-        self.rows, self.todo, self.changed = {}, [], set()
+        self.rows, self.todo, self.changed, self.restated = {}, [], set(), 0
         for job in self.jobs:
             ident = (job.id, job.image_index)
             row = old.get(ident)
             if row and row["content_key"] == self.keys[ident] and row["status"] == "ok" and self.exists(row):
-                self.rows[ident] = row
+                self.rows[ident] = with_passthrough(row, job.extra)
+                self.restated += self.rows[ident] is not row  # only passthrough columns changed: ledger only
             else:
                 if row and row["content_key"] != self.keys[ident]:
                     self.changed.add(ident)
@@ -202,7 +204,7 @@ class ShardRun:
         ctx = self.ctx
         ctx.counts["unchanged"] += len(self.rows)
         ctx.counts["removed"] += len(self.removed)
-        if not (self.todo or self.removed or self.skipped or self.orphans) and self.ledger_file.exists() and not (
+        if not (self.todo or self.removed or self.skipped or self.orphans or self.restated) and self.ledger_file.exists() and not (
                 temp_files(self.image_dir) or temp_files(self.ledger_file.parent, self.ledger_file.name)):
             return  # complete: nothing to do
         lock = ShardLock(ctx.output_dir, self.shard, ctx.cfg.lock_stale_s)
@@ -359,6 +361,14 @@ def manifest_row(job: ImageJob) -> dict:
     return {"id": job.id, "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
             "width": job.width, "height": job.height, "steps": job.steps, "guidance_scale": job.guidance_scale,
             "image_index": job.image_index, **job.extra}
+
+
+def with_passthrough(row: dict, extra: dict) -> dict:
+    """A kept ledger row with today's passthrough columns (a price edit re-renders nothing but shows in the ledger)."""
+    fresh = {**{k: v for k, v in row.items() if k in CORE_COLUMNS}, **passthrough(extra)}
+    same = json.dumps({k: row.get(k) for k in sorted(row)}, default=str) == json.dumps(
+        {k: fresh.get(k) for k in sorted(fresh)}, default=str)  # by text: NaN equals NaN
+    return row if same else fresh
 
 
 def passthrough(extra: dict) -> dict:

@@ -181,6 +181,19 @@ def test_nightly_rerun_renders_only_new_and_changed_rows(tmp_path, make_cfg, cap
     assert summary(capsys.readouterr().out)["rendered"] == 0 and not rendered_jobs
 
 
+def test_edited_passthrough_column_updates_the_ledger_without_rendering(tmp_path, make_cfg, rendered_jobs):
+    catalog = {**CATALOG, "price": [1.0, 2.0, 3.0, 4.0, float("nan")]}
+    cfg = make_cfg(f"prompts={write_manifest(tmp_path / 'catalog.parquet', catalog)}", "shard_size=2")
+    out = Path(cfg.output_dir)
+    assert run(cfg) == 0
+    before, rendered = images(out), len(rendered_jobs)
+    assert run(cfg) == 0 and len(rendered_jobs) == rendered  # NaN == NaN: nothing to restate
+    write_manifest(tmp_path / "catalog.parquet", {**catalog, "price": [1.0, 2.5, 3.0, 4.0, float("nan")]})
+    assert run(cfg) == 0
+    assert len(rendered_jobs) == rendered and images(out) == before
+    assert {r["id"]: r["price"] for r in read_ledgers(out)}["b"] == 2.5
+
+
 def test_prune_deletes_the_images_of_removed_rows(tmp_path, make_cfg, capsys):
     day1, day2 = nightly(tmp_path, make_cfg)
     out = Path(day1.output_dir)
