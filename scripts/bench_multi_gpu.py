@@ -1,0 +1,104 @@
+"""Several GPUs of one machine: the same `python -m sdbatch` command on one GPU and on all of them, then as two
+"array tasks" (worker_index 0 and 1, one GPU each); images/s, each GPU's share, exactly-once output.
+
+    python scripts/bench_multi_gpu.py --images 256 --out docs/benchmarks/multi-gpu-h200.json
+
+On a one-GPU machine the "all GPUs" run is the one-GPU run again and both array tasks share the GPU.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def render(out: Path, manifest: Path, args, gpus: str, *extra: str, background: bool = False):
+    command = [sys.executable, "-m", "sdbatch", f"prompts={manifest}", f"output_dir={out}", f"model={args.model}",
+               "model.random_weights=true", f"batch_size={args.batch}", f"steps={args.steps}", "progress=false",
+               f"compile={str(args.compile).lower()}", *extra]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
+    process = subprocess.Popen(command, cwd=REPO, env=env)
+    return process if background else process.wait()
+
+
+def ledger(out: Path) -> list[dict]:
+    return [r for f in (out / "ledger").glob("*.parquet") for r in pq.read_table(f).to_pylist()]
+
+
+def measure(name: str, out: Path, started: float, images: int, batch: int) -> dict:
+    rows = ledger(out)
+    keys = [(r["id"], r["image_index"]) for r in rows]
+    assert len(keys) == len(set(keys)) == images, f"{name}: {len(keys)} ledger rows, {len(set(keys))} distinct"
+    assert all(r["status"] == "ok" and (out / r["image_path"]).exists() for r in rows), f"{name}: missing images"
+    finished = sorted(r["finished_at"].timestamp() for r in rows)
+    shares = {}
+    for r in rows:
+        worker = f"worker {r['worker_index']} on {r['device']}"
+        shares[worker] = shares.get(worker, 0) + 1
+    first_batches = len(shares) * batch  # each worker's first batch carries its load and compile time
+    steady = (images - first_batches) / (finished[-1] - finished[first_batches - 1])
+    return {"name": name, "images": images, "wall_s": finished[-1] - started, "images_per_s_wall": images / (finished[-1] - started),
+            "images_per_s_steady": steady, "share": shares}
+
+
+def same_images(a: Path, b: Path) -> dict:
+    rows_a = {(r["id"], r["image_index"]): r for r in ledger(a)}
+    worst = 0
+    for key, row in {(r["id"], r["image_index"]): r for r in ledger(b)}.items():
+        assert row["content_key"] == rows_a[key]["content_key"], key
+        pa_, pb = (np.asarray(Image.open(d / r["image_path"]), dtype=int) for d, r in ((a, rows_a[key]), (b, row)))
+        worst = max(worst, int(np.abs(pa_ - pb).max()))
+    return {"compared": len(rows_a), "max_pixel_difference": worst}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd15")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--work", default="/tmp/sdbatch-multi-gpu")
+    parser.add_argument("--out", default="docs/benchmarks/multi-gpu-h200.json")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    manifest = work / "catalog.parquet"
+    pq.write_table(pa.table({"id": [f"sku-{i:05d}" for i in range(args.images)],
+                             "prompt": [f"studio photo of product {i}, white background" for i in range(args.images)]}),
+                   manifest)
+    count = torch.cuda.device_count()
+    all_gpus = ",".join(str(i) for i in range(count))
+    report = {"gpus": [torch.cuda.get_device_name(i) for i in range(count)], "command": " ".join(sys.argv), "runs": []}
+    for name, folder, gpus in (("one GPU", "one_gpu", "0"), (f"{count} GPUs, processes=auto", "all_gpus", all_gpus)):
+        start = time.time()
+        assert render(work / folder, manifest, args, gpus) == 0, name
+        report["runs"].append(measure(name, work / folder, start, args.images, args.batch))
+        print(report["runs"][-1], flush=True)
+    tasks_out = work / "two_array_tasks"
+    start = time.time()
+    tasks = [render(tasks_out, manifest, args, str(i % count), f"worker_index={i}", "num_workers=2", background=True)
+             for i in range(2)]
+    assert [t.wait() for t in tasks] == [0, 0]
+    report["runs"].append(measure("two array tasks", tasks_out, start, args.images, args.batch))
+    report["same_images_as_one_gpu"] = same_images(work / "one_gpu", tasks_out)
+    one, many = report["runs"][0], report["runs"][1]
+    report["scaling_steady"] = many["images_per_s_steady"] / one["images_per_s_steady"]
+    print(json.dumps(report, indent=1, default=str))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
