@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def render(out: Path, manifest: Path, args, gpus: str, *extra: str, background: bool = False):
     command = [sys.executable, "-m", "sdbatch", f"prompts={manifest}", f"output_dir={out}", f"model={args.model}",
                "model.random_weights=true", f"batch_size={args.batch}", f"steps={args.steps}", "progress=false",
+               f"shard_size={max(1, args.images // 16)}",  # 16 shards, so every worker has some
                f"compile={str(args.compile).lower()}", *extra]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
     process = subprocess.Popen(command, cwd=REPO, env=env)
