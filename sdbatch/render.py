@@ -23,7 +23,7 @@ class BatchResult:
     failures: list  # per image: None, or the reason it failed
     truncated: list  # per image: the prompt was cut to the text encoder's window
     seconds: dict = field(default_factory=dict)  # text_encode_s, denoise_s, vae_decode_s for the whole batch
-    batch_size: int = 0  # images in the UNet batch that ran (after any out-of-memory halving)
+    batch_sizes: list = field(default_factory=list)  # per image: images in the UNet batch it ran in
 
 
 def batch_key(job: ImageJob) -> tuple:
@@ -40,26 +40,31 @@ def make_scheduler(scheduler_cfg, model_scheduler_config: dict):
 class Renderer:
     def __init__(self, model: Model, scheduler_cfg, pad_to: int | None = None):
         self.model, self.scheduler_cfg, self.pad_to = model, scheduler_cfg, pad_to
+        self.max_batch = None  # set after a CUDA out-of-memory error; later batches are cut to it
         self.text_cache: OrderedDict = OrderedDict()
         step_parameters = inspect.signature(make_scheduler(scheduler_cfg, model.scheduler_config).step).parameters
         self.step_takes_generator = "generator" in step_parameters
 
     def render(self, jobs: list[ImageJob]) -> BatchResult:
-        """Render jobs of one batch_key; on CUDA out-of-memory, halve the batch and retry."""
+        """Render jobs of one batch_key; on CUDA out-of-memory, halve the batch (for good) and retry."""
+        step = self.max_batch
+        if step and len(jobs) > step:
+            return merge([self.render(jobs[i:i + step]) for i in range(0, len(jobs), step)])
         try:
             return self._render(jobs)
         except torch.cuda.OutOfMemoryError:
             if len(jobs) == 1:
                 raise
             torch.cuda.empty_cache()
-            log.warning("CUDA out of memory at batch %d: retrying as two batches of %d", len(jobs), len(jobs) // 2)
-            half = len(jobs) // 2
-            return merge([self.render(jobs[:half]), self.render(jobs[half:])])
+            self.max_batch = (len(jobs) + 1) // 2
+            log.warning("CUDA out of memory at batch %d: rendering batches of %d from now on", len(jobs), self.max_batch)
+            return self.render(jobs)
 
     @torch.no_grad()
     def _render(self, jobs: list[ImageJob]) -> BatchResult:
         model, first = self.model, jobs[0]
-        padded = jobs + [first] * (max(0, (self.pad_to or 0) - len(jobs)))  # static shape: pad, never recompile
+        pad_to = min(self.pad_to, self.max_batch or self.pad_to) if self.pad_to else 0
+        padded = jobs + [first] * max(0, pad_to - len(jobs))  # static shape: pad, never recompile
         clock = Stopwatch(model.device)
         cond, uncond = self.conditioning([j.prompt for j in padded]), self.conditioning(
             [j.negative_prompt for j in padded], negative=True)
@@ -72,7 +77,7 @@ class Renderer:
         pixels, failures = decode(model, latents if self.pad_to else latents[:len(jobs)])  # padded: one shape
         pixels, failures = pixels[:len(jobs)], failures[:len(jobs)]
         seconds["vae_decode_s"] = clock.lap()
-        return BatchResult(pixels, failures, cond.truncated[:len(jobs)], seconds, len(padded))
+        return BatchResult(pixels, failures, cond.truncated[:len(jobs)], seconds, [len(padded)] * len(jobs))
 
     def conditioning(self, texts: list[str], negative: bool = False) -> Conditioning:
         """Embeddings for texts, encoding each distinct text once and keeping recent ones on the device."""
@@ -141,7 +146,7 @@ def decode(model: Model, latents: torch.Tensor):
 def merge(results: list[BatchResult]) -> BatchResult:
     seconds = {k: sum(r.seconds[k] for r in results) for k in results[0].seconds}
     return BatchResult(sum((r.pixels for r in results), []), sum((r.failures for r in results), []),
-                       sum((r.truncated for r in results), []), seconds, min(r.batch_size for r in results))
+                       sum((r.truncated for r in results), []), seconds, sum((r.batch_sizes for r in results), []))
 
 
 class Stopwatch:

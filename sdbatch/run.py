@@ -275,9 +275,10 @@ class ShardRun:
         share = {stage: s / len(jobs) for stage, s in result.seconds.items()}
         for stage, s in result.seconds.items():
             ctx.seconds[stage] += s
-        for job, pixels, failure, cut in zip(jobs, result.pixels, result.failures, result.truncated):
+        for job, pixels, failure, cut, batch_size in zip(jobs, result.pixels, result.failures, result.truncated,
+                                                         result.batch_sizes):
             row = self.ledger_row(job, status="failed" if failure else "ok", reason=failure, truncated=cut,
-                                  batch_size=result.batch_size, **share)
+                                  batch_size=batch_size, **share)
             if failure:
                 row["image_path"] = None
                 self.record(row, None)

@@ -3,6 +3,8 @@ retries it."""
 
 from pathlib import Path
 
+import torch
+
 from diffusers import AutoencoderKL
 
 from conftest import read_ledgers
@@ -29,3 +31,21 @@ def test_nan_and_black_images_are_flagged_failed_not_saved(cfg, monkeypatch):
     monkeypatch.setattr(AutoencoderKL, "decode", original)
     assert run(cfg) == 0  # failed rows are missing images: the rerun renders them
     assert [r["status"] for r in read_ledgers(cfg.output_dir)] == ["ok", "ok"]
+
+
+def test_out_of_memory_halves_the_batch_and_records_it(cfg, make_cfg, tmp_path, monkeypatch):
+    from conftest import write_manifest
+    from sdbatch.render import Renderer
+    manifest = write_manifest(tmp_path / "six.parquet", {"prompt": [f"item {i}" for i in range(6)]})
+    original = Renderer._render
+
+    def small_gpu(self, jobs):
+        if len(jobs) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, jobs)
+
+    monkeypatch.setattr(Renderer, "_render", small_gpu)
+    assert run(make_cfg(f"prompts={manifest}", "batch_size=6")) == 0
+    rows = read_ledgers(cfg.output_dir)
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
+    assert max(r["batch_size"] for r in rows) == 2  # the ledger shows the smaller batches that really ran
