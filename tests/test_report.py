@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from sdbatch.ledger import CORE_SCHEMA
 from sdbatch.report import build_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,19 +20,7 @@ T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 SCRIPT_PROMPT = 'a cat <script>alert("x")</script> & "friends"'
 RTL_PROMPT = "שלום עולם — café ☕ مرحبا"
 
-LEDGER_SCHEMA = pa.schema([
-    ("id", pa.string()), ("image_index", pa.int64()), ("seed", pa.int64()),
-    ("prompt", pa.string()), ("negative_prompt", pa.string()),
-    ("width", pa.int64()), ("height", pa.int64()), ("steps", pa.int64()), ("guidance_scale", pa.float64()),
-    ("content_key", pa.string()), ("image_path", pa.string()), ("status", pa.string()), ("reason", pa.string()),
-    ("truncated", pa.bool_()), ("attention_backend", pa.string()), ("attention_detail", pa.string()),
-    ("model", pa.string()), ("scheduler", pa.string()),
-    ("shard", pa.int64()), ("worker_index", pa.int64()), ("num_workers", pa.int64()), ("device", pa.string()),
-    ("batch_size", pa.int64()),
-    ("text_encode_s", pa.float64()), ("denoise_s", pa.float64()), ("vae_decode_s", pa.float64()), ("write_s", pa.float64()),
-    ("finished_at", pa.timestamp("us", tz="UTC")),
-    ("category", pa.string()),  # a passthrough manifest column
-])
+LEDGER_SCHEMA = CORE_SCHEMA.append(pa.field("category", pa.string()))  # + a passthrough manifest column
 
 
 def row(id, shard, worker, finished_s, status="ok", reason=None, prompt=None, truncated=False, image_index=0,
