@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -241,10 +242,12 @@ def _xformers_problem(device: torch.device) -> str | None:
     except ImportError as error:
         return f"attention=xformers needs the xformers package ({error}). Install it, or use attention=sdpa or attention=auto."
     if cpp._cpp_library_load_exception is not None:
-        built_for = " ".join(str(cpp._cpp_library_load_exception).split())
-        return (f"attention=xformers cannot run: xformers {xformers.__version__}'s compiled extension does not match "
-                f"this torch {torch.__version__} ({built_for}). Install an xformers built for torch "
-                f"{torch.__version__} (scripts/gpu/setup.sh builds one from source), or use attention=sdpa or attention=auto.")
+        found = re.search(r"PyTorch (\S+)", str(cpp._cpp_library_load_exception))
+        built_for = f"torch {found.group(1)}" if found else "another torch"
+        return (f"attention=xformers cannot run: xformers {xformers.__version__}'s compiled extension was built for "
+                f"{built_for}, but this is torch {torch.__version__}, so memory_efficient_attention has no operator. "
+                f"Install an xformers built for torch {torch.__version__} (scripts/gpu/setup.sh builds one from "
+                f"source), or use attention=sdpa or attention=auto.")
     return None
 
 
