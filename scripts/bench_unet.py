@@ -13,16 +13,13 @@ import torch
 from omegaconf import OmegaConf
 
 from sdbatch import attention
-from sdbatch.benchmark import matmul_peak_tflops, time_cuda_ms, unet_flops_per_latent
+from sdbatch.benchmark import matmul_peak_tflops, unet_flops_per_latent, unet_step_ms
 from sdbatch.models import random_model
 from sdbatch.render import random_unet_inputs
 
 
 def step_ms(model, batch, size):
-    x, embeds, added = random_unet_inputs(model, batch, size, size)
-    t = torch.tensor(500, device="cuda")
-    with torch.no_grad():
-        return time_cuda_ms(lambda: model.unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added), repeats=20)
+    return unet_step_ms(model, batch, size, size, repeats=20)
 
 
 def tune_inductor():

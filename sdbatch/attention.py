@@ -181,13 +181,14 @@ def choose(cfg, model, device: torch.device, dtype: torch.dtype, batch_size: int
     if cfg.name != "auto" and cfg.name not in BACKENDS:
         raise SdbatchError(f"Unknown attention backend '{cfg.name}': choose one of auto, {', '.join(BACKENDS)}.")
     variants = candidates(cfg.name, options)
-    runnable = [v for v in variants if why_not(*v, device=device, dtype=dtype) is None]
+    problems = [why_not(*v, device=device, dtype=dtype) for v in variants]
+    runnable = [v for v, problem in zip(variants, problems) if problem is None]
     if cfg.name != "auto" and not runnable:
-        raise SdbatchError(why_not(*variants[0], device=device, dtype=dtype))
+        raise SdbatchError(problems[0])
     level = logging.WARNING if device.type == "cuda" else logging.DEBUG  # on a CPU, fused kernels are not expected
-    for variant in variants:
-        if variant not in runnable:
-            log.log(level, "attention=%s: leaving out %s: %s", cfg.name, describe(variant), why_not(*variant, device, dtype))
+    for variant, problem in zip(variants, problems):
+        if problem:
+            log.log(level, "attention=%s: leaving out %s: %s", cfg.name, describe(variant), problem)
     if cfg.name == "auto" and not runnable:
         runnable = [("sdpa", {"kernel": "auto"})]
     if device.type != "cuda":
@@ -302,11 +303,15 @@ def attention_shapes(model, batch_size: int, width: int, height: int) -> list[tu
     return sorted(shapes)
 
 
+def random_qkv(shape, device, dtype):
+    """Random q and (shared) k/v at (batch, q tokens, kv tokens, heads, head_dim): never time on zeros."""
+    b, nq, nkv, h, d = shape
+    return torch.randn(b, nq, h, d, device=device, dtype=dtype), torch.randn(b, nkv, h, d, device=device, dtype=dtype)
+
+
 def trial(variant: Variant, shape, device, dtype) -> float:
     """0 if the variant runs this shape with finite output, else inf."""
-    b, nq, nkv, h, d = shape
-    q = torch.randn(b, nq, h, d, device=device, dtype=dtype)
-    kv = torch.randn(b, nkv, h, d, device=device, dtype=dtype)
+    q, kv = random_qkv(shape, device, dtype)
     try:
         return 0.0 if torch.isfinite(split_attend(BACKENDS[variant[0]], q, kv, kv, variant[1])).all() else math.inf
     except Exception:
@@ -315,22 +320,11 @@ def trial(variant: Variant, shape, device, dtype) -> float:
 
 def time_variant(variant: Variant, shape, device, dtype, repeats: int = 10) -> float:
     """Median milliseconds of one attention call at this shape (CUDA events, after a warm-up); inf if it fails."""
+    from sdbatch.benchmark import time_cuda_ms
     if math.isinf(trial(variant, shape, device, dtype)):
         return math.inf
-    b, nq, nkv, h, d = shape
-    q = torch.randn(b, nq, h, d, device=device, dtype=dtype)
-    kv = torch.randn(b, nkv, h, d, device=device, dtype=dtype)
-    fn, options = BACKENDS[variant[0]], variant[1]
-    split_attend(fn, q, kv, kv, options)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        split_attend(fn, q, kv, kv, options)
-        end.record()
-        torch.cuda.synchronize(device)
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    q, kv = random_qkv(shape, device, dtype)
+    return time_cuda_ms(lambda: split_attend(BACKENDS[variant[0]], q, kv, kv, variant[1]), warmup=1, repeats=repeats)
 
 
 def attention_flops(shape) -> float:

@@ -4,7 +4,7 @@ import statistics
 
 import torch
 
-from sdbatch.render import random_unet_inputs
+from sdbatch.render import dummy_unet_call, random_unet_inputs
 
 
 def time_cuda_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
@@ -35,21 +35,19 @@ def unet_flops_per_latent(model, width: int, height: int) -> float:
     """FLOPs of one UNet call for one latent at this size (counted by torch's FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sdbatch.render import dummy_unet_call
-
     counter = FlopCounterMode(display=False)
     with counter:
         dummy_unet_call(model, 1, width, height)
     return float(counter.get_total_flops())
 
 
-def unet_step_ms(model, batch: int, width: int, height: int, unet=None) -> float:
+def unet_step_ms(model, batch: int, width: int, height: int, repeats: int = 10) -> float:
     """Median milliseconds of one UNet call at this batch and size."""
-    unet = unet or model.unet
     x, embeds, added = random_unet_inputs(model, batch, width, height)
     t = torch.tensor(500, device="cuda")
     with torch.no_grad():
-        return time_cuda_ms(lambda: unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added))
+        return time_cuda_ms(lambda: model.unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added),
+                            repeats=repeats)
 
 
 def peak_memory_gib(fn) -> float:

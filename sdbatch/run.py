@@ -366,10 +366,10 @@ def manifest_row(job: ImageJob) -> dict:
 
 def with_passthrough(row: dict, extra: dict) -> dict:
     """A kept ledger row with today's passthrough columns (a price edit re-renders nothing but shows in the ledger)."""
-    fresh = {**{k: v for k, v in row.items() if k in CORE_COLUMNS}, **passthrough(extra)}
-    same = json.dumps({k: row.get(k) for k in sorted(row)}, default=str) == json.dumps(
-        {k: fresh.get(k) for k in sorted(fresh)}, default=str)  # by text: NaN equals NaN
-    return row if same else fresh
+    old, new = {k: v for k, v in row.items() if k not in CORE_COLUMNS}, passthrough(extra)
+    if old == new or json.dumps(old, sort_keys=True, default=str) == json.dumps(new, sort_keys=True, default=str):
+        return row  # (compared again as text because NaN != NaN)
+    return {**{k: v for k, v in row.items() if k in CORE_COLUMNS}, **new}
 
 
 def passthrough(extra: dict) -> dict:
