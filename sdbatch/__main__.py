@@ -27,13 +27,14 @@ def main(cfg: DictConfig) -> None:
 
 
 def stop_before_rendering() -> None:
-    """Until the worker takes over the stop signals, SIGTERM/SIGUSR1 mean "nothing started yet: rerun" (exit 75)."""
+    """Until the worker takes over the stop signals, SIGTERM/SIGUSR1 (exit 75) and Ctrl-C (exit 130) mean "nothing
+    started yet: rerun to continue"."""
     def interrupted(signum, frame):
         print(f"sdbatch: stopped by {signal.Signals(signum).name} before rendering; rerun to continue",
               file=sys.stderr, flush=True)
-        os._exit(EXIT_INTERRUPTED)
+        os._exit(130 if signum == signal.SIGINT else EXIT_INTERRUPTED)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, interrupted)
 
 

@@ -29,14 +29,17 @@ def process_count(cfg) -> int:
 
 
 def run_children(count: int) -> int:
-    """Start `count` copies of this command, one per GPU; forward stop signals; the worst exit code wins."""
+    """Start `count` copies of this command, one per GPU; forward stop signals; the worst exit code wins.
+
+    The children get a process group of their own, so a Ctrl-C in the terminal reaches them once, through us."""
     gpus = visible_gpus()
     children = []
     for rank in range(count):
         env = {**os.environ, "SDBATCH_LOCAL_RANK": str(rank), "SDBATCH_LOCAL_COUNT": str(count)}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[rank % len(gpus)]
-        children.append(subprocess.Popen([sys.executable, "-m", "sdbatch", *sys.argv[1:]], env=env))
+        children.append(subprocess.Popen([sys.executable, "-m", "sdbatch", *sys.argv[1:]], env=env,
+                                         process_group=0))
 
     def forward(signum, frame):
         for child in children:
@@ -45,6 +48,13 @@ def run_children(count: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, forward)
     codes = [child.wait() for child in children]
+    return worst(codes)
+
+
+def worst(codes: list[int]) -> int:
+    """0 only if every child succeeded; a setup error (2) outranks an interruption (75, 130); a child killed by a
+    signal (negative code) counts as interrupted by it (128 + signal)."""
+    codes = [128 - code if code < 0 else code for code in codes]
     return max(codes, key=lambda code: (code != 0, code == 2, code))
 
 

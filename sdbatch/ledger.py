@@ -1,21 +1,18 @@
-"""The output folder's records: per-shard Parquet ledgers, run-level settings, content keys and shard locks."""
+"""The output folder's records: per-shard Parquet ledgers, content keys, and the run-level settings (sdbatch.json)."""
 
 import hashlib
 import io
 import json
-import os
-import socket
-import time
+import logging
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdbatch import SdbatchError
-from sdbatch.manifest import ImageJob
-from sdbatch.plan import num_shards_for
 from sdbatch.writer import write_atomic
 
+log = logging.getLogger("sdbatch")
 SETTINGS_FILE = "sdbatch.json"
 CORE_SCHEMA = pa.schema([
     ("id", pa.string()), ("image_index", pa.int64()), ("seed", pa.int64()),
@@ -28,14 +25,37 @@ CORE_SCHEMA = pa.schema([
     ("batch_size", pa.int64()), ("text_encode_s", pa.float64()), ("denoise_s", pa.float64()),
     ("vae_decode_s", pa.float64()), ("write_s", pa.float64()), ("finished_at", pa.timestamp("us", tz="UTC")),
 ])
-CORE_COLUMNS = set(CORE_SCHEMA.names)
+CORE_COLUMNS = tuple(CORE_SCHEMA.names)
+ROW_INDEX = "_row"  # in core tables: which row of the shard's plan rows (passthrough values) a ledger row takes
+CORE_WITH_ROW = CORE_SCHEMA.append(pa.field(ROW_INDEX, pa.int64()))
 
 
-def content_key(job: ImageJob, scheduler: str, model: str) -> str:
-    """Hash of everything that decides an image's pixels."""
-    fields = [job.prompt, job.negative_prompt, job.seed, job.width, job.height, job.steps,
-              float(job.guidance_scale), scheduler, model]
-    return hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode("utf-8")).hexdigest()[:32]
+def content_key(prompt: str, negative_prompt: str, seed: int, width: int, height: int, steps: int,
+                guidance_scale: float, scheduler: str, model: str, extras: dict | None = None) -> str:
+    """Hash of everything that decides an image's pixels. `extras` holds only the settings that differ from what
+    the first sdbatch always used, so the keys of folders it made stay valid."""
+    fields = [prompt, negative_prompt, seed, width, height, steps, float(guidance_scale), scheduler, model]
+    if extras:
+        fields.append(extras)
+    return hashlib.sha256(json.dumps(fields, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+
+
+FIRST_SCHEDULER_OPTIONS = {  # what the first sdbatch shipped for each scheduler (content keys then held none)
+    "pndm": {"skip_prk_steps": True},
+    "dpmpp": {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    "euler": {},
+}
+
+
+def key_extras(dtype: str, scheduler: str, scheduler_options: dict) -> dict:
+    """The pixel-deciding settings the first sdbatch's content keys left out, where they differ from its values
+    (it rendered in fp16 on GPUs, with the scheduler options it shipped)."""
+    extras = {}
+    if dtype != "fp16":
+        extras["dtype"] = dtype
+    if scheduler_options != FIRST_SCHEDULER_OPTIONS.get(scheduler):
+        extras["scheduler_options"] = scheduler_options
+    return extras
 
 
 # ---------------------------------------------------------------- ledgers
@@ -43,133 +63,89 @@ def ledger_path(output_dir: Path, shard: int) -> Path:
     return Path(output_dir) / "ledger" / f"shard-{shard:05d}.parquet"
 
 
-def read_ledger(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
+def read_ledger(path: Path) -> pa.Table | None:
+    """The shard's ledger, or None when it has none yet."""
     try:
-        return pq.read_table(path).to_pylist()
+        return pq.read_table(path)
+    except FileNotFoundError:
+        return None
     except Exception as error:
         raise SdbatchError(f"The ledger {path} cannot be read ({error}). Move it aside and rerun: "
                            f"its shard's images will be re-adopted from their metadata.") from None
 
 
-def ledger_table(rows: list[dict]) -> pa.Table:
-    """Core columns with fixed types; passthrough manifest columns keep the types Arrow infers."""
-    core = pa.Table.from_pylist([{k: r.get(k) for k in CORE_SCHEMA.names} for r in rows], schema=CORE_SCHEMA)
-    extra_names = list(dict.fromkeys(k for r in rows for k in r if k not in CORE_COLUMNS))
-    for name in extra_names:
-        values = [r.get(name) for r in rows]
-        try:
-            column = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across runs: keep them as text
-            column = pa.array([None if v is None else str(v) for v in values], pa.string())
-        core = core.append_column(name, column)
-    return core
+def core_rows(rows: list[dict]) -> pa.Table:
+    """Ledger rows built by this worker (dicts with core columns and _row) as a core table."""
+    return pa.Table.from_pylist([{k: r.get(k) for k in CORE_WITH_ROW.names} for r in rows], schema=CORE_WITH_ROW)
 
 
-def write_ledger(path: Path, rows: list[dict]) -> None:
+def as_core(table: pa.Table, row_index: pa.Array) -> pa.Table:
+    """An existing ledger's rows as a core table (columns an older ledger lacks are null), with their _row."""
+    columns = []
+    for field in CORE_SCHEMA:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns + [row_index], schema=CORE_WITH_ROW)
+
+
+def ledger_table(core: pa.Table, plan_rows: pa.Table, passthrough: list[str]) -> pa.Table:
+    """Core columns, then today's passthrough columns in the manifest's own Arrow types."""
+    table = core.select(list(CORE_COLUMNS))
+    index = core.column(ROW_INDEX)
+    for name in passthrough:
+        table = table.append_column(name, plan_rows.column(name).take(index))
+    return table
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
-    pq.write_table(ledger_table(rows), buffer)
-    write_atomic(path, buffer.getvalue())
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------- run-level settings
-def open_folder(output_dir: Path, settings: dict, num_rows: int, shard_size: int, overwrite: bool,
+def open_folder(output_dir: Path, settings: dict, num_shards: int, overwrite: bool, shard_size: int,
                 check_only: bool = False) -> int:
-    """Fix or check the folder's run-level settings; returns its shard count (fixed at the first run)."""
+    """Fix or check the folder's run-level settings; returns its shard count (fixed at the first run).
+
+    Settings that the first sdbatch did not record compare as their value then (`extras` as {})."""
     path = Path(output_dir) / SETTINGS_FILE
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = {k: (saved["settings"].get(k), v) for k, v in settings.items() if saved["settings"].get(k) != v}
-        if changed and not overwrite:
-            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise SdbatchError(
-                f"{output_dir} was rendered with other run-level settings ({listed}). That change would re-render "
-                f"every image that uses them. Pass overwrite=true to do that, or put the setting back "
-                f"(or use a new output_dir).")
-        num_shards = saved["num_shards"]
-        if not changed or check_only:
-            return num_shards
-    else:
-        num_shards = num_shards_for(num_rows, shard_size)
-        if check_only:
-            return num_shards
-    state = {"num_shards": num_shards, "settings": settings}
-    write_atomic(path, json.dumps(state, indent=1).encode())
-    return num_shards
+    if not path.exists():
+        if not check_only:
+            _write(path, {"num_shards": num_shards, "shard_size": shard_size, "settings": settings})
+        return num_shards
+    saved = _read(path)
+    before = {"extras": {}, **saved["settings"]}
+    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+    if changed and not overwrite:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise SdbatchError(
+            f"{output_dir} was rendered with other run-level settings ({listed}). That change would re-render "
+            f"every image that uses them. Pass overwrite=true to do that, or put the setting back "
+            f"(or use a new output_dir).")
+    if saved.get("shard_size", shard_size) != shard_size and not check_only:
+        log.warning("shard_size=%d is ignored: %s keeps the %d shards fixed at its first run (shard_size=%s)",
+                    shard_size, output_dir, saved["num_shards"], saved.get("shard_size", "?"))
+    if changed and not check_only:
+        _write(path, {**saved, "settings": settings})
+    return saved["num_shards"]
 
 
-# ---------------------------------------------------------------- shard locks
-class ShardLock:
-    """Who renders a shard now: a lock file created exclusively, refreshed after each batch.
-
-    A lock is stale when its process is gone (same host) or it has not been refreshed for `stale_s`.
-    """
-
-    def __init__(self, output_dir: Path, shard: int, stale_s: float):
-        self.path = Path(output_dir) / "locks" / f"shard-{shard:05d}.lock"
-        self.stale_s = stale_s
-        self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
-
-    def acquire(self) -> str | None:
-        """Take the lock; returns None on success, else who holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                if not self._stale(holder):
-                    return holder
-                self._break(holder)
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(self.token)
-            return None
-        return self._read()
-
-    def refresh(self) -> None:
-        os.utime(self.path)
-
-    def release(self) -> None:
-        if self._read() == self.token:
-            self.path.unlink(missing_ok=True)
-
-    def _read(self) -> str:
-        try:
-            return self.path.read_text()
-        except FileNotFoundError:
-            return ""
-
-    def _stale(self, holder: str) -> bool:
-        try:
-            age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return True
-        host, _, pid = holder.partition(":")
-        pid = pid.partition(":")[0]
-        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-            return True
-        return age > self.stale_s or holder == ""
-
-    def _break(self, holder: str) -> None:
-        # Rename first: of two workers breaking the same stale lock, only one rename finds it.
-        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return
-        if aside.read_text() != holder:  # someone took it over in between: give it back
-            os.rename(aside, self.path)
-        else:
-            aside.unlink(missing_ok=True)
+def folder_shards(output_dir: Path) -> int | None:
+    """The folder's shard count, if it has one already."""
+    path = Path(output_dir) / SETTINGS_FILE
+    return _read(path)["num_shards"] if path.exists() else None
 
 
-def _alive(pid: int) -> bool:
+def _read(path: Path) -> dict:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SdbatchError(f"{path} cannot be read ({error}); it records the folder's shard count and settings. "
+                           "Restore it, or render into a new output_dir.") from None
+
+
+def _write(path: Path, state: dict) -> None:
+    write_atomic(path, json.dumps(state, indent=1).encode())

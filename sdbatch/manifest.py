@@ -1,32 +1,39 @@
-"""Read and validate the Parquet manifest, and expand its rows into ImageJobs."""
+"""The Parquet manifest: find its files, read them in columnar chunks, normalise the known columns, flag bad rows."""
 
 from __future__ import annotations
 
-import gc
+import difflib
 import hashlib
+import json
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 
 from sdbatch import SdbatchError
+from sdbatch.ledger import CORE_COLUMNS
 
 KNOWN_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "num_images")
-ON_INVALID_CHOICES = ("error", "skip")
-MAX_LISTED = 10
-MAX_SEED = 2**63 - 1  # the ledger stores seeds as int64
-
 TEXT_COLUMNS = ("negative_prompt",)
 WHOLE_NUMBER_COLUMNS = ("seed", "width", "height", "steps", "num_images")
+MAX_LISTED = 10
+MAX_SEED = 2**63 - 1  # the ledger stores seeds as int64
+CHUNK_ROWS = 262_144  # rows read at a time: bounds memory whatever the manifest's size
+ROW_COLUMNS = pa.schema([  # every plan row has these, then the passthrough columns
+    ("row", pa.int64()), ("id", pa.string()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
+    ("seed", pa.int64()), ("width", pa.int64()), ("height", pa.int64()), ("steps", pa.int64()),
+    ("guidance_scale", pa.float64()), ("num_images", pa.int64()), ("reason", pa.string()),
+])
 
 
 @dataclass(frozen=True)
 class Defaults:
     """Run-level values for null cells."""
-
     steps: int
     guidance_scale: float
     width: int
@@ -37,8 +44,7 @@ class Defaults:
 
 @dataclass(frozen=True)
 class ImageJob:
-    """One image to render."""
-
+    """One image to render, and where its result goes."""
     id: str
     image_index: int
     prompt: str
@@ -48,37 +54,10 @@ class ImageJob:
     height: int
     steps: int
     guidance_scale: float
-    extra: dict
-
-
-@dataclass(frozen=True)
-class SkippedRow:
-    """An invalid row under on_invalid=skip."""
-
-    id: str
-    reason: str
-    prompt: str | None
-    extra: dict
-
-
-@dataclass
-class Manifest:
-    path: str
-    jobs: list[ImageJob]
-    skipped: list[SkippedRow]
-    num_rows: int
-
-
-@dataclass
-class _Problem:
-    """One kind of invalid row: which rows, and how to name them."""
-
-    column: str
-    what: str  # completes "3 rows have ..."
-    reason: str  # the SkippedRow reason
-    bad: np.ndarray  # bool per row
-    listed: list[str] | None = None  # names to show instead of the bad rows' ids
-    listed_as: str = "ids"
+    extra: dict  # the row's passthrough values, for the image's provenance
+    shard: int = 0
+    content_key: str = ""
+    row: int = 0  # its row among the shard's plan rows
 
 
 def derive_seed(run_seed: int, row_id: str) -> int:
@@ -87,49 +66,197 @@ def derive_seed(run_seed: int, row_id: str) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
-def read_manifest(path, defaults: Defaults, on_invalid: str = "error") -> Manifest:
-    path = str(path)
-    if on_invalid not in ON_INVALID_CHOICES:
-        raise SdbatchError(f"on_invalid must be 'error' or 'skip', not {on_invalid!r}.")
-    table = _read_table(path)
-    if table.num_rows == 0:
-        raise SdbatchError(f"{path} has no rows: the manifest needs at least one row with a prompt.")
-    _check_columns(path, table)
-    columns = {name: _normalised(name, table.column(name)) for name in KNOWN_COLUMNS if name in table.column_names}
-    ids, problems = _ids(columns.get("id"), table.num_rows)
-    problems += _prompt_problems(columns["prompt"])
-    problems += _number_problems(columns)
-    problems += _seed_problems(columns)
-    bad = np.zeros(table.num_rows, dtype=bool)
-    for problem in problems:
-        bad |= problem.bad
-    if bad.any() and on_invalid == "error":
-        raise SdbatchError(_invalid_rows_message(path, problems, ids))
-    extra_table = table.drop_columns([name for name in table.column_names if name in KNOWN_COLUMNS])
-    skipped = _skipped_rows(problems, bad, ids, columns["prompt"], extra_table)
-    good = pa.array(~bad)
-    jobs = _jobs(
-        ids.filter(good).to_pylist(),
-        {name: column.filter(good) for name, column in columns.items()},
-        extra_table.filter(good),
-        defaults,
-    )
-    return Manifest(path=path, jobs=jobs, skipped=skipped, num_rows=table.num_rows)
+# ---------------------------------------------------------------- problems: which rows are bad, and why
+@dataclass
+class Problem:
+    column: str
+    what: str  # completes "3 rows have ..."
+    listed_as: str = "ids"
+    count: int = 0  # names seen (rows, or distinct ids for duplicates)
+    examples: list = field(default_factory=list)
+    rows: int | None = None  # rows affected, when that differs from count
+
+    def add(self, names: list[str]) -> None:
+        self.count += len(names)
+        self.examples += names[:MAX_LISTED - len(self.examples)]
 
 
-def _read_table(path: str) -> pa.Table:
-    if not os.path.exists(path):
+class Problems:
+    """Bad rows seen so far, by kind, with the first few names of each: enough for one paragraph."""
+
+    def __init__(self):
+        self.kinds: dict[str, Problem] = {}
+
+    def add(self, reason: str, column: str, what: str, names: list[str], listed_as: str = "ids") -> None:
+        if names:
+            self.kinds.setdefault(reason, Problem(column, what, listed_as)).add(names)
+
+    @property
+    def count(self) -> int:
+        return sum(p.count for p in self.kinds.values())
+
+    def message(self, where: str) -> str:
+        parts = []
+        for problem in self.kinds.values():
+            affected = problem.count if problem.rows is None else problem.rows
+            rows = "1 row has" if affected == 1 else f"{affected} rows have"
+            listing = _listing(problem.examples, problem.count)
+            parts.append(f"{rows} {problem.what} (column '{problem.column}', {problem.listed_as}: {listing})")
+        return (f"{where}: {'; '.join(parts)}. "
+                "Fix these rows, or pass on_invalid=skip to render the others and record these as skipped.")
+
+    def to_json(self) -> list:
+        return [[reason, p.column, p.what, p.listed_as, p.count, p.examples, p.rows]
+                for reason, p in self.kinds.items()]
+
+    @classmethod
+    def from_json(cls, data: list) -> "Problems":
+        problems = cls()
+        for reason, column, what, listed_as, count, examples, rows in data:
+            problems.kinds[reason] = Problem(column, what, listed_as, count, examples, rows)
+        return problems
+
+
+# ---------------------------------------------------------------- the files
+class Manifest:
+    """One Parquet file, a folder of part files (Spark/Hive style, partition columns carried through) or a glob."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.dataset = _open_dataset(self.path)
+        self.files = list(self.dataset.files)
+        self.num_rows = sum(_footer(file).num_rows for file in self.files)
+        if self.num_rows == 0:
+            raise SdbatchError(f"{self.path} has no rows: the manifest needs at least one row with a prompt.")
+        self.columns = self.dataset.schema.names
+        self.passthrough = passthrough_names([c for c in self.columns if c not in KNOWN_COLUMNS])
+        _check_columns(self.path, self.dataset.schema)
+
+    def fingerprint(self) -> str:
+        """What identifies today's manifest without reading it: each file's path, size, mtime and Parquet footer."""
+        parts = []
+        for file in self.files:
+            stat = os.stat(file)
+            parts.append([os.path.relpath(file, _base(self.path)), stat.st_size, stat.st_mtime_ns,
+                          hashlib.sha256(_footer_bytes(file)).hexdigest()])
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    def misspelled(self) -> list[str]:
+        """Warnings for columns that look like a known one but are carried through unused."""
+        warnings = []
+        for name in self.columns:
+            if name in KNOWN_COLUMNS:
+                continue
+            close = difflib.get_close_matches(name.lower(), KNOWN_COLUMNS, n=1, cutoff=0.6)
+            close = close or [k for k in KNOWN_COLUMNS if name.lower().startswith(k) or k.startswith(name.lower())]
+            if close:
+                warnings.append(f"column '{name}' is not one sdbatch reads (did you mean '{close[0]}'?); it is "
+                                "carried into the ledger unchanged")
+        return warnings
+
+    def chunks(self, rows: int = CHUNK_ROWS) -> Iterator[tuple[str, pa.Table]]:
+        """(file, normalised rows) in manifest order, `rows` at a time."""
+        first = 0
+        for fragment in self.dataset.get_fragments():
+            try:
+                for batch in fragment.to_batches(schema=self.dataset.schema, batch_size=rows):
+                    table = pa.Table.from_batches([batch])
+                    yield fragment.path, self._normalised(table, first)
+                    first += table.num_rows
+            except (pa.ArrowException, OSError) as error:
+                raise SdbatchError(f"{fragment.path} (part of the manifest {self.path}) cannot be read: "
+                                   f"{_first_line(error)}") from None
+
+    def _normalised(self, table: pa.Table, first: int) -> pa.Table:
+        count = table.num_rows
+        rows = pa.array(np.arange(first, first + count, dtype=np.int64))
+        columns = {"row": rows}
+        bad = _BadRows(count)
+        columns["id"] = _ids(table, rows, bad)
+        columns["prompt"] = _prompts(table, bad)
+        columns["negative_prompt"] = _text_or_null(table, "negative_prompt", bad)
+        for name in WHOLE_NUMBER_COLUMNS:
+            columns[name] = _whole_numbers(table, name, bad)
+        columns["guidance_scale"] = _guidance(table, bad)
+        _check_seeds(columns["seed"], columns["num_images"], table, bad)
+        columns["reason"] = bad.reasons()
+        normal = pa.table(columns, schema=ROW_COLUMNS)
+        for original, renamed in self.passthrough.items():
+            normal = normal.append_column(renamed, table.column(original).combine_chunks())
+        return normal
+
+
+def passthrough_names(names: list[str]) -> dict[str, str]:
+    """Manifest column -> ledger column: one named like a ledger or plan column gets `manifest_` prefixes until
+    its name is free (so `status` and `manifest_status` both survive)."""
+    reserved = set(CORE_COLUMNS) | set(ROW_COLUMNS.names) | {"shard"}
+    taken = reserved | set(names)
+    renamed = {}
+    for name in names:
+        new = name
+        while new in reserved or (new != name and new in taken):
+            new = f"manifest_{new}"
+        taken.add(new)
+        renamed[name] = new
+    return renamed
+
+
+# ---------------------------------------------------------------- opening
+def _base(path: str) -> str:
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def _open_dataset(path: str) -> ds.Dataset:
+    if any(ch in path for ch in "*?["):
+        import glob
+        files = sorted(glob.glob(path, recursive=True))
+        if not files:
+            raise SdbatchError(f"The manifest pattern {path} matches no files.")
+    elif not os.path.exists(path):
         raise SdbatchError(f"The manifest {path} does not exist.")
-    if not os.path.isfile(path):
-        raise SdbatchError(f"The manifest {path} is not a file (a Parquet file is needed).")
+    else:
+        files = None
     try:
-        return pq.read_table(path)
+        if files is not None:
+            base = path[:min(path.index(ch) for ch in "*?[" if ch in path)].rpartition(os.sep)[0] or "."
+            return ds.dataset(files, format="parquet", partitioning=ds.partitioning(flavor="hive"),
+                              partition_base_dir=base)
+        dataset = ds.dataset(path, format="parquet", partitioning="hive", ignore_prefixes=[".", "_"])
     except (pa.ArrowException, OSError) as error:
-        raise SdbatchError(f"{path} is not a Parquet file: {error}") from None
+        raise SdbatchError(_not_parquet(path, error)) from None
+    if os.path.isdir(path) and not dataset.files:
+        raise SdbatchError(f"The manifest folder {path} holds no Parquet files (part-*.parquet or similar).")
+    for file in dataset.files:
+        try:
+            _footer(file)
+        except (pa.ArrowException, OSError) as error:
+            raise SdbatchError(_not_parquet(file, error)) from None
+    return dataset
 
 
-def _check_columns(path: str, table: pa.Table) -> None:
-    names = table.column_names
+def _not_parquet(path: str, error: Exception) -> str:
+    return f"{path} is not a Parquet file: {_first_line(error)}"
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _footer(file: str):
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(file).metadata
+
+
+def _footer_bytes(file: str) -> bytes:
+    with open(file, "rb") as handle:
+        handle.seek(-8, os.SEEK_END)
+        length = int.from_bytes(handle.read(4), "little")
+        handle.seek(-8 - length, os.SEEK_END)
+        return handle.read(length)
+
+
+def _check_columns(path: str, schema: pa.Schema) -> None:
+    names = schema.names
     if "prompt" not in names:
         found = ", ".join(repr(name) for name in names) or "none"
         raise SdbatchError(f"{path} has no 'prompt' column (the columns found are: {found}).")
@@ -137,8 +264,8 @@ def _check_columns(path: str, table: pa.Table) -> None:
     for name in KNOWN_COLUMNS:
         if names.count(name) > 1:
             problems.append(f"column '{name}' appears {names.count(name)} times")
-        elif name in names and not _type_fits(name, table.schema.field(name).type):
-            problems.append(f"column '{name}' has type {table.schema.field(name).type}, but {_type_needed(name)}")
+        elif name in names and not _type_fits(name, schema.field(name).type):
+            problems.append(f"column '{name}' has type {schema.field(name).type}, but {_type_needed(name)}")
     if problems:
         raise SdbatchError(f"{path}: {'; '.join(problems)}. Fix the column types and run again.")
 
@@ -148,13 +275,13 @@ def _value_type(arrow_type: pa.DataType) -> pa.DataType:
 
 
 def _is_text(arrow_type: pa.DataType) -> bool:
-    arrow_type = _value_type(arrow_type)
-    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_string_view(arrow_type)
+    t = _value_type(arrow_type)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def _is_number(arrow_type: pa.DataType) -> bool:
-    arrow_type = _value_type(arrow_type)
-    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+    t = _value_type(arrow_type)
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
 def _type_fits(name: str, arrow_type: pa.DataType) -> bool:
@@ -177,131 +304,154 @@ def _type_needed(name: str) -> str:
     return "it must hold numbers"
 
 
-def _normalised(name: str, column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """Decode dictionaries, and give all-null columns the type their values would have."""
-    arrow_type = column.type
-    if pa.types.is_dictionary(arrow_type):
-        return column.cast(arrow_type.value_type)
-    if pa.types.is_null(arrow_type):
-        return column.cast(pa.string() if name in ("id", "prompt") + TEXT_COLUMNS else pa.float64())
-    if pa.types.is_string_view(arrow_type):
-        return column.cast(pa.string())
-    if pa.types.is_floating(arrow_type):
-        return column.cast(pa.float64())
+# ---------------------------------------------------------------- normalising, vectorised
+class _BadRows:
+    """Why each row of a chunk is invalid ("" = valid), built up column by column."""
+
+    def __init__(self, count: int):
+        self.texts = np.full(count, "", dtype=object)
+
+    def mark(self, mask: np.ndarray, reason: str) -> None:
+        if mask.any():
+            self.texts[mask] = [f"{old}; {reason}" if old else reason for old in self.texts[mask]]
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.texts != ""
+
+    def reasons(self) -> pa.Array:
+        return pa.array([text or None for text in self.texts], pa.string())
+
+
+def _column(table: pa.Table, name: str) -> pa.Array | None:
+    if name not in table.column_names:
+        return None
+    column = table.column(name).combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if pa.types.is_string_view(column.type) or pa.types.is_large_string(column.type):
+        column = column.cast(pa.string())
     return column
 
 
-def _null_mask(column: pa.ChunkedArray) -> np.ndarray:
+def _nulls(column: pa.Array) -> np.ndarray:
     return column.is_null().to_numpy(zero_copy_only=False)
 
 
-def _numpy(column: pa.ChunkedArray) -> np.ndarray:
-    """The column's values; nulls become 0 (callers mask them out)."""
-    return pc.fill_null(column, 0).to_numpy()
+def _valid_utf8(column: pa.Array, bad: _BadRows, reason: str) -> pa.Array:
+    """The column with invalid UTF-8 cells nulled (and their rows marked): Parquet does not check encodings."""
+    try:
+        column.validate(full=True)
+        return column
+    except pa.ArrowInvalid:
+        pass
+    values = column.cast(pa.binary()).to_pylist()
+    broken = np.zeros(len(values), dtype=bool)
+    for i, value in enumerate(values):
+        try:
+            value is None or value.decode("utf-8")
+        except UnicodeDecodeError:
+            broken[i] = True
+    bad.mark(broken, reason)
+    cleaned = [None if b or v is None else v.decode("utf-8") for v, b in zip(values, broken)]
+    return pa.array(cleaned, pa.string())
 
 
-def _is_whole(values: np.ndarray) -> np.ndarray:
-    if values.dtype.kind == "f":
-        with np.errstate(invalid="ignore"):
-            return np.isfinite(values) & (values == np.floor(values))
-    return np.ones(len(values), dtype=bool)
-
-
-def _ids(column: pa.ChunkedArray | None, num_rows: int) -> tuple[pa.ChunkedArray, list[_Problem]]:
-    """The row ids as text (null for a null id), and the id problems."""
-    if column is None:
-        return pa.chunked_array([pa.array([str(row) for row in range(num_rows)])]), []
-    problems = []
+def _ids(table: pa.Table, rows: pa.Array, bad: _BadRows) -> pa.Array:
+    column = _column(table, "id")
+    if column is None:  # no id column: the row number is the id
+        return pc.cast(rows, pa.string())
+    if pa.types.is_null(column.type):
+        column = column.cast(pa.string())
     if pa.types.is_floating(column.type):
-        whole = _is_whole(_numpy(column)) | _null_mask(column)
-        problems.append(_Problem("id", "an id that is not a whole number", "id is not a whole number", ~whole))
-        values = column.to_pylist()
-        texts = [None if v is None else str(int(v)) if whole_row else str(v) for v, whole_row in zip(values, whole)]
-        ids = pa.chunked_array([pa.array(texts, pa.string())])
+        values = pc.fill_null(column, 0).to_numpy(zero_copy_only=False)
+        with np.errstate(invalid="ignore"):
+            whole = np.isfinite(values) & (values == np.floor(values))
+        bad.mark(~whole & ~_nulls(column), "id is not a whole number")
+        as_int = pc.cast(pc.if_else(pa.array(whole), column, None), pa.int64(), safe=False)
+        column = pc.if_else(pa.array(whole), pc.cast(as_int, pa.string()), pc.cast(column, pa.string()))
+    elif not _is_text(column.type):
+        column = pc.cast(column, pa.string())
     else:
-        ids = column.cast(pa.string())
-    null = _null_mask(column)
-    if null.any():
-        rows = [str(row) for row in np.flatnonzero(null)]
-        problems.append(_Problem("id", "a null id", "null id", null, listed=rows, listed_as="row numbers"))
-    counts = pc.value_counts(ids.drop_null())
-    duplicated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    if len(duplicated):
-        bad = pc.fill_null(pc.is_in(ids, value_set=duplicated), False).to_numpy(zero_copy_only=False)
-        problems.append(
-            _Problem("id", "an id that another row also has", "duplicate id", bad,
-                     listed=duplicated.to_pylist(), listed_as="duplicated ids")
-        )
-    return ids, problems
+        column = _valid_utf8(column, bad, "id is not valid UTF-8")
+    null = _nulls(column)
+    bad.mark(null & ~bad.mask, "null id")
+    return column
 
 
-def _prompt_problems(prompts: pa.ChunkedArray) -> list[_Problem]:
-    if not _is_text(prompts.type):
-        everything = np.ones(len(prompts), dtype=bool)
-        what = f"a prompt that is not text (the column holds {prompts.type})"
-        return [_Problem("prompt", what, "prompt is not text", everything)]
-    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(prompts)), 0)
-    bad = pc.fill_null(blank, True).to_numpy(zero_copy_only=False)
-    return [_Problem("prompt", "an empty or null prompt", "empty or null prompt", bad)]
+def _prompts(table: pa.Table, bad: _BadRows) -> pa.Array:
+    column = _column(table, "prompt")
+    if not (_is_text(column.type) or pa.types.is_null(column.type)):
+        bad.mark(np.ones(len(column), dtype=bool), f"prompt is not text (the column holds {column.type})")
+        return pa.nulls(len(column), pa.string())
+    column = column.cast(pa.string()) if pa.types.is_null(column.type) else column
+    column = _valid_utf8(column, bad, "prompt is not valid UTF-8")
+    blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0), True)
+    bad.mark(blank.to_numpy(zero_copy_only=False) & ~_invalid_utf8_rows(bad), "empty or null prompt")
+    return column
 
 
-def _multiple_of_8(values: np.ndarray) -> np.ndarray:
-    return (values > 0) & (values % 8 == 0)
+def _invalid_utf8_rows(bad: _BadRows) -> np.ndarray:
+    return np.array(["prompt is not valid UTF-8" in text for text in bad.texts], dtype=bool)
 
 
-def _at_least_1(values: np.ndarray) -> np.ndarray:
-    return values >= 1
+def _text_or_null(table: pa.Table, name: str, bad: _BadRows) -> pa.Array:
+    column = _column(table, name)
+    if column is None or pa.types.is_null(column.type):
+        return pa.nulls(table.num_rows, pa.string())
+    return _valid_utf8(column, bad, f"{name} is not valid UTF-8")
 
 
-# column -> (completes "3 rows have ...", SkippedRow reason, which whole values are fine)
-WHOLE_NUMBER_CHECKS = {
-    "width": ("a width that is not a positive multiple of 8", "width is not a positive multiple of 8", _multiple_of_8),
-    "height": ("a height that is not a positive multiple of 8", "height is not a positive multiple of 8", _multiple_of_8),
-    "steps": ("a steps value that is not a whole number of at least 1", "steps is not a whole number of at least 1", _at_least_1),
-    "num_images": (
-        "a num_images value that is not a whole number of at least 1",
-        "num_images is not a whole number of at least 1",
-        _at_least_1,
-    ),
+# column -> (SkippedRow reason, which whole values are fine)
+WHOLE_NUMBER_RANGES = {
+    "width": ("width is not a positive multiple of 8", lambda v: (v > 0) & (v % 8 == 0)),
+    "height": ("height is not a positive multiple of 8", lambda v: (v > 0) & (v % 8 == 0)),
+    "steps": ("steps is not a whole number of at least 1", lambda v: v >= 1),
+    "num_images": ("num_images is not a whole number of at least 1", lambda v: v >= 1),
+    "seed": ("seed is negative, not whole, or too big for 64 bits", lambda v: (v >= 0) & (v <= MAX_SEED)),
 }
 
 
-def _number_problems(columns: dict[str, pa.ChunkedArray]) -> list[_Problem]:
-    problems = []
-    for name, (what, reason, in_range) in WHOLE_NUMBER_CHECKS.items():
-        if name in columns:
-            values = _numpy(columns[name])
-            with np.errstate(invalid="ignore"):
-                fine = _is_whole(values) & in_range(values)
-            problems.append(_Problem(name, what, reason, ~fine & ~_null_mask(columns[name])))
-    if "guidance_scale" in columns:
-        column = columns["guidance_scale"]
-        bad = ~np.isfinite(_numpy(column).astype(np.float64)) & ~_null_mask(column)
-        problems.append(_Problem("guidance_scale", "a guidance_scale that is not a finite number",
-                                 "guidance_scale is not a finite number", bad))
-    return problems
+def _whole_numbers(table: pa.Table, name: str, bad: _BadRows) -> pa.Array:
+    """An int64 column: whole values in range kept, the rest null (and their rows marked)."""
+    column = _column(table, name)
+    if column is None or pa.types.is_null(column.type):
+        return pa.nulls(table.num_rows, pa.int64())
+    null = _nulls(column)
+    values = pc.fill_null(column, 0).to_numpy(zero_copy_only=False)
+    reason, in_range = WHOLE_NUMBER_RANGES[name]
+    with np.errstate(invalid="ignore", over="ignore"):
+        if values.dtype.kind == "f":
+            fine = np.isfinite(values) & (values == np.floor(values)) & in_range(values)
+        else:
+            fine = in_range(values.astype(np.float64)) & (values >= 0 if values.dtype.kind == "u" else True)
+            if values.dtype == np.uint64:
+                fine &= values <= np.uint64(MAX_SEED)
+    bad.mark(~fine & ~null, reason)
+    keep = fine & ~null
+    as_int = np.where(keep, values, 0).astype(np.int64)
+    return pa.array(as_int, pa.int64(), mask=~keep)
 
 
-def _seed_problems(columns: dict[str, pa.ChunkedArray]) -> list[_Problem]:
-    """Seeds must be whole, >= 0, and leave room for seed + image_index in int64."""
-    if "seed" not in columns:
-        return []
-    counts = columns["num_images"].to_pylist() if "num_images" in columns else [None] * len(columns["seed"])
-    bad = np.array(
-        [seed is not None and not _seed_fits(seed, count) for seed, count in zip(columns["seed"].to_pylist(), counts)],
-        dtype=bool,
-    )
-    what = "a seed that is negative, not whole, or too big for its images' seeds to fit in 64 bits"
-    return [_Problem("seed", what, "seed is negative, not whole, or too big for 64 bits", bad)]
+def _guidance(table: pa.Table, bad: _BadRows) -> pa.Array:
+    column = _column(table, "guidance_scale")
+    if column is None or pa.types.is_null(column.type):
+        return pa.nulls(table.num_rows, pa.float64())
+    column = column.cast(pa.float64())
+    finite = np.isfinite(pc.fill_null(column, 0.0).to_numpy(zero_copy_only=False))
+    bad.mark(~finite & ~_nulls(column), "guidance_scale is not a finite number")
+    return pc.if_else(pa.array(finite), column, None)
 
 
-def _seed_fits(seed, count) -> bool:
-    if isinstance(seed, float) and not (np.isfinite(seed) and seed == int(seed)):
-        return False
-    extra_images = int(count) - 1 if isinstance(count, (int, float)) and np.isfinite(count) and count >= 1 else 0
-    return 0 <= seed and int(seed) + extra_images <= MAX_SEED
+def _check_seeds(seeds: pa.Array, counts: pa.Array, table: pa.Table, bad: _BadRows) -> None:
+    """seed + num_images - 1 must still fit in int64."""
+    seed = pc.fill_null(seeds, 0).to_numpy(zero_copy_only=False)
+    extra = np.maximum(pc.fill_null(counts, 1).to_numpy(zero_copy_only=False) - 1, 0)
+    overflow = seed > MAX_SEED - extra
+    bad.mark(overflow & ~_nulls(seeds), WHOLE_NUMBER_RANGES["seed"][0])
 
 
+# ---------------------------------------------------------------- naming rows in messages
 def _show(row_id: str) -> str:
     """An id as it reads in a one-paragraph message."""
     if len(row_id) > 60:
@@ -317,85 +467,49 @@ def _listing(names: list[str], total: int) -> str:
     return f"{shown} and {more} more" if more > 0 else shown
 
 
-def _labels(ids: pa.ChunkedArray, rows: np.ndarray) -> list[str]:
-    """The ids of these rows; a row without an id is named by its row number."""
-    return [row_id if row_id is not None else f"row {row}" for row, row_id in zip(rows, ids.take(rows).to_pylist())]
+def labels(rows: pa.Table) -> list[str]:
+    """How to name rows in a message: the id, or the row number when the id is unusable."""
+    return [row_id if row_id is not None else f"row {row}"
+            for row_id, row in zip(rows.column("id").to_pylist(), rows.column("row").to_pylist())]
 
 
-def _invalid_rows_message(path: str, problems: list[_Problem], ids: pa.ChunkedArray) -> str:
-    parts = []
-    for problem in problems:
-        count = int(problem.bad.sum())
-        if count == 0:
+# (reason, column, completes "3 rows have ...")
+PROBLEM_WORDING = {
+    "null id": ("id", "a null id"),
+    "id is not a whole number": ("id", "an id that is not a whole number"),
+    "id is not valid UTF-8": ("id", "an id that is not valid UTF-8"),
+    "duplicate id": ("id", "an id that another row also has"),
+    "empty or null prompt": ("prompt", "an empty or null prompt"),
+    "prompt is not valid UTF-8": ("prompt", "a prompt that is not valid UTF-8"),
+    "negative_prompt is not valid UTF-8": ("negative_prompt", "a negative_prompt that is not valid UTF-8"),
+    "width is not a positive multiple of 8": ("width", "a width that is not a positive multiple of 8"),
+    "height is not a positive multiple of 8": ("height", "a height that is not a positive multiple of 8"),
+    "steps is not a whole number of at least 1": ("steps", "a steps value that is not a whole number of at least 1"),
+    "num_images is not a whole number of at least 1": (
+        "num_images", "a num_images value that is not a whole number of at least 1"),
+    "seed is negative, not whole, or too big for 64 bits": (
+        "seed", "a seed that is negative, not whole, or too big for its images' seeds to fit in 64 bits"),
+    "guidance_scale is not a finite number": ("guidance_scale", "a guidance_scale that is not a finite number"),
+}
+
+
+def record_problems(rows: pa.Table, problems: Problems) -> None:
+    """Add a chunk's bad rows to the running tally (duplicates are counted by the plan, across chunks)."""
+    bad = rows.filter(pc.is_valid(rows.column("reason")))
+    if bad.num_rows == 0:
+        return
+    names = labels(bad)
+    by_reason: dict[str, list[str]] = {}
+    for name, reasons in zip(names, bad.column("reason").to_pylist()):
+        for reason in reasons.split("; "):
+            by_reason.setdefault(reason, []).append(name)
+    for reason, listed in by_reason.items():
+        if reason.startswith("prompt is not text"):
+            problems.add(reason, "prompt", f"a prompt that is not text{reason.removeprefix('prompt is not text')}",
+                         listed)
             continue
-        if problem.listed is None:
-            listing = _listing(_labels(ids, np.flatnonzero(problem.bad)[:MAX_LISTED]), count)
-        else:
-            listing = _listing(problem.listed, len(problem.listed))
-        rows = "1 row has" if count == 1 else f"{count} rows have"
-        parts.append(f"{rows} {problem.what} (column '{problem.column}', {problem.listed_as}: {listing})")
-    return (
-        f"{path}: {'; '.join(parts)}. "
-        "Fix these rows, or pass on_invalid=skip to render the others and record these as skipped."
-    )
-
-
-def _skipped_rows(
-    problems: list[_Problem], bad: np.ndarray, ids: pa.ChunkedArray, prompts: pa.ChunkedArray, extra_table: pa.Table
-) -> list[SkippedRow]:
-    rows = np.flatnonzero(bad)
-    if len(rows) == 0:
-        return []
-    reasons = {int(row): [] for row in rows}
-    for problem in problems:
-        for row in np.flatnonzero(problem.bad):
-            reasons[int(row)].append(problem.reason)
-    texts = prompts.take(rows).to_pylist() if _is_text(prompts.type) else [None] * len(rows)
-    extras = _extras(extra_table.take(rows), len(rows))
-    return [
-        SkippedRow(id=label, reason="; ".join(reasons[int(row)]), prompt=text, extra=extra)
-        for row, label, text, extra in zip(rows, _labels(ids, rows), texts, extras)
-    ]
-
-
-def _extras(extra_table: pa.Table, count: int) -> list[dict]:
-    """Passthrough values per row (a table without columns also loses its row count when filtered)."""
-    if extra_table.num_columns == 0:
-        return [{} for _ in range(count)]
-    return extra_table.to_pylist()
-
-
-def _filled(columns: dict[str, pa.ChunkedArray], name: str, default, count: int, convert=None) -> list:
-    """The column's values with nulls replaced by the default (int columns may arrive as whole floats)."""
-    if name not in columns:
-        return [default] * count
-    values = [default if value is None else value for value in columns[name].to_pylist()]
-    return [convert(value) for value in values] if convert and pa.types.is_floating(columns[name].type) else values
-
-
-def _jobs(ids: list[str], columns: dict[str, pa.ChunkedArray], extra_table: pa.Table, defaults: Defaults) -> list[ImageJob]:
-    count = len(ids)
-    prompts = columns["prompt"].to_pylist()
-    negatives = _filled(columns, "negative_prompt", defaults.negative_prompt, count)
-    seeds = _filled(columns, "seed", None, count, lambda seed: seed if seed is None else int(seed))
-    widths = _filled(columns, "width", defaults.width, count, int)
-    heights = _filled(columns, "height", defaults.height, count, int)
-    steps = _filled(columns, "steps", defaults.steps, count, int)
-    scales = [float(scale) for scale in _filled(columns, "guidance_scale", defaults.guidance_scale, count)]
-    num_images = _filled(columns, "num_images", 1, count, int)
-    extras = _extras(extra_table, count)
-    jobs = []
-    # A million new objects make the cyclic GC rescan them over and over; they hold no cycles.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for row, row_id in enumerate(ids):
-            seed = derive_seed(defaults.seed, row_id) if seeds[row] is None else seeds[row]
-            texts = (prompts[row], negatives[row])
-            settings = (widths[row], heights[row], steps[row], scales[row], extras[row])
-            for image_index in range(num_images[row]):
-                jobs.append(ImageJob(row_id, image_index, *texts, seed + image_index, *settings))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return jobs
+        column, what = PROBLEM_WORDING[reason]
+        listed_as = "row numbers" if reason == "null id" else "ids"
+        if reason == "null id":
+            listed = [name.removeprefix("row ") for name in listed]
+        problems.add(reason, column, what, listed, listed_as)

@@ -58,19 +58,29 @@ def read_provenance(path: Path) -> dict | None:
         return None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}-", dir=path.parent)  # named: cleanable per file
+def stage_file(folder: Path, name: str, data: bytes) -> Path:
+    """Write data to a fresh temporary file in folder, fsynced, readable by the team (the caller renames it)."""
+    fd, temp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{name}-", dir=folder)  # named: cleanable per file
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), FILE_MODE)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
+        raise
+    return Path(temp)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = stage_file(path.parent, path.name, data)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
         raise
 
 
@@ -93,14 +103,26 @@ class ImageWriter:
     def __init__(self, threads: int):
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="sdbatch-write")
 
-    def submit(self, path: Path, pixels, parameters: str, provenance: dict) -> Future:
-        return self.pool.submit(self._write, path, pixels, parameters, provenance)
+    def submit(self, path: Path, pixels, parameters: str, provenance: dict, lease) -> Future:
+        """Encode and write one image: staged in the lease's folder, renamed into place only while it holds."""
+        return self.pool.submit(self._write, path, pixels, parameters, provenance, lease)
 
     @staticmethod
-    def _write(path: Path, pixels, parameters: str, provenance: dict) -> float:
+    def _write(path: Path, pixels, parameters: str, provenance: dict, lease) -> float:
         start = time.perf_counter()
-        write_atomic(path, encode_png(np.asarray(pixels), parameters, provenance))
+        data = encode_png(np.asarray(pixels), parameters, provenance)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lease.commit(stage_file(lease.staging, path.name, data), path)
         return time.perf_counter() - start
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+
+def describe_os_error(error: BaseException) -> str:
+    """Plain words for the usual disk problems: '... is a file, not a folder', 'no space left', ..."""
+    if isinstance(error, (FileExistsError, NotADirectoryError)) and getattr(error, "filename", None):
+        return f"{error.strerror}: {error.filename} (a file is where a folder should be)"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}" + (f": {error.filename}" if error.filename else "")
+    return str(error) or type(error).__name__

@@ -6,7 +6,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from sdbatch.plan import resolve_worker, shards_for
+from sdbatch.workers import resolve_worker, shards_for
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "scripts" / "k8s" / "indexed-job.yaml"

@@ -1,11 +1,41 @@
+"""The manifest as the worker sees it: read in chunks, normalised and checked column by column, planned, expanded."""
+
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from sdbatch import SdbatchError
-from sdbatch.manifest import Defaults, derive_seed, read_manifest
+from sdbatch import manifest as manifest_module
+from sdbatch.manifest import Defaults, Manifest, derive_seed
+from sdbatch.plan import Plan, build
+from sdbatch.shard import expand
 
 DEFAULTS = Defaults(steps=20, guidance_scale=7.5, width=64, height=48, seed=7, negative_prompt="blurry")
+
+
+def read_manifest(path, defaults=DEFAULTS, on_invalid="error", num_shards=1):
+    """Plan the manifest into one shard and expand it, as a worker does: the images and the skipped rows."""
+    manifest = Manifest(path)
+    folder = Path(tempfile.mkdtemp(prefix="sdbatch-plan-"))
+    plan = Plan(folder, build(manifest, num_shards, folder))
+    if plan.problems.count and on_invalid == "error":
+        raise SdbatchError(plan.problems.message(str(path)))
+    jobs, skipped = [], []
+    for shard in range(num_shards):
+        rows = plan.rows(shard)
+        extra = [{n: rows.column(n)[i].as_py() for n in plan.passthrough} for i in range(rows.num_rows)]
+        for image in expand(rows, defaults).to_pylist():
+            jobs.append(SimpleNamespace(**image, extra=extra[image["_row"]]))
+        for i, row in enumerate(rows.to_pylist()):
+            if row["reason"] is not None:
+                skipped.append(SimpleNamespace(id=row["id"], prompt=row["prompt"], reason=row["reason"],
+                                               extra=extra[i]))
+    return SimpleNamespace(jobs=jobs, skipped=skipped, num_rows=manifest.num_rows, plan=plan)
 
 
 def write(tmp_path, columns, name="catalog.parquet", schema=None):
@@ -50,11 +80,6 @@ def test_missing_prompt_column_lists_columns(tmp_path):
     path = write(tmp_path, {"id": ["a"], "text": ["a cat"]})
     message = error_of(path)
     assert "'prompt'" in message and "'id'" in message and "'text'" in message
-
-
-def test_bad_on_invalid(tmp_path):
-    path = write(tmp_path, {"prompt": ["a cat"]})
-    assert "on_invalid" in error_of(path, on_invalid="ignore")
 
 
 # --- valid manifests -----------------------------------------------------------------------------
@@ -174,7 +199,8 @@ def test_duplicate_ids_all_skipped(tmp_path):
 def test_null_ids(tmp_path):
     path = write(tmp_path, {"id": ["a", None], "prompt": ["x", "y"]})
     assert "1 row has a null id (column 'id', row numbers: 1)" in error_of(path)
-    assert read_manifest(path, DEFAULTS, on_invalid="skip").skipped[0].id == "row 1"
+    skipped = read_manifest(path, DEFAULTS, on_invalid="skip").skipped[0]
+    assert skipped.id is None and skipped.reason == "null id"  # never "row 1": a real id could be that
 
 
 @pytest.mark.parametrize("column", ["width", "height"])
@@ -260,3 +286,69 @@ def test_all_null_columns_are_fine(tmp_path):
     path = write(tmp_path, {"prompt": ["a cat"], "steps": pa.nulls(1), "negative_prompt": pa.nulls(1)})
     (job,) = read_manifest(path, DEFAULTS).jobs
     assert (job.steps, job.negative_prompt) == (20, "blurry")
+
+
+# --- read in chunks, planned into shards ---------------------------------------------------------
+
+
+def test_chunks_and_shards_change_nothing(tmp_path, monkeypatch):
+    ids = [f"sku-{i}" for i in range(50)] + ["sku-3"]  # one duplicate, far from its twin
+    path = write(tmp_path, {"id": ids, "prompt": [f"p{i}" for i in range(51)], "seed": list(range(51))})
+    whole = read_manifest(path, on_invalid="skip")
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 7)
+    chunked = read_manifest(path, on_invalid="skip", num_shards=5)
+    key = lambda job: (job.id, job.image_index)  # noqa: E731
+    assert sorted((j.id, j.seed, j.prompt) for j in whole.jobs) == sorted((j.id, j.seed, j.prompt) for j in chunked.jobs)
+    assert sorted(key(j) for j in chunked.jobs) == sorted((i, 0) for i in ids if i != "sku-3")
+    assert sorted((s.id, s.reason) for s in chunked.skipped) == [("sku-3", "duplicate id")] * 2
+    assert "2 rows have an id that another row also has (column 'id', duplicated ids: sku-3)" in error_of(path)
+
+
+def test_a_folder_of_parts_is_one_manifest_with_partition_columns(tmp_path):
+    folder = tmp_path / "catalog"
+    for category, ids in (("bags", ["b1", "b2"]), ("shoes", ["s1"])):
+        (folder / f"category={category}").mkdir(parents=True)
+        pq.write_table(pa.table({"id": ids, "prompt": [f"a {i}" for i in ids]}),
+                       folder / f"category={category}" / "part-00000.parquet")
+    (folder / "_SUCCESS").write_text("")
+    manifest = read_manifest(folder)
+    assert sorted((j.id, j.extra["category"]) for j in manifest.jobs) == [("b1", "bags"), ("b2", "bags"),
+                                                                          ("s1", "shoes")]
+    assert manifest.num_rows == 3
+    glob_manifest = read_manifest(str(folder / "*" / "*.parquet"))
+    assert sorted(j.id for j in glob_manifest.jobs) == ["b1", "b2", "s1"]
+
+
+def test_errors_in_a_part_name_the_part(tmp_path):
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["x"]}), folder / "part-0.parquet")
+    (folder / "part-1.parquet").write_text("not parquet")
+    assert f"{folder / 'part-1.parquet'} is not a Parquet file" in error_of(folder)
+
+
+def test_invalid_utf8_is_an_invalid_row_not_a_crash(tmp_path):
+    broken = pa.array([b"fine", b"bad \xff\xfe", b"ok"], pa.binary()).cast(pa.string(), safe=False)
+    path = write(tmp_path, {"id": ["a", "b", "c"], "prompt": broken})
+    assert "1 row has a prompt that is not valid UTF-8 (column 'prompt', ids: b)" in error_of(path)
+    manifest = read_manifest(path, on_invalid="skip")
+    assert [j.id for j in manifest.jobs] == ["a", "c"]
+    assert [(s.id, s.reason) for s in manifest.skipped] == [("b", "prompt is not valid UTF-8")]
+
+
+def test_misspelled_known_columns_are_named(tmp_path):
+    path = write(tmp_path, {"prompt": ["x"], "seeds": [1], "num_image": [2], "negative": ["dark"], "price": [1.0]})
+    warnings = Manifest(path).misspelled()
+    assert any("'seeds'" in w and "'seed'" in w for w in warnings)
+    assert any("'num_image'" in w and "'num_images'" in w for w in warnings)
+    assert any("'negative'" in w and "'negative_prompt'" in w for w in warnings)
+    assert not any("'price'" in w for w in warnings)
+
+
+def test_passthrough_keeps_types_and_never_loses_a_column(tmp_path):
+    path = write(tmp_path, {"prompt": ["x"], "status": ["live"], "manifest_status": ["old"],
+                            "big": pa.array([2**64 - 1], pa.uint64())})
+    manifest = read_manifest(path)
+    # `status` is a ledger column: it becomes manifest_status, which the manifest has too, so one more prefix
+    assert manifest.plan.passthrough == ["manifest_manifest_status", "manifest_status", "big"]
+    assert manifest.jobs[0].extra == {"manifest_manifest_status": "live", "manifest_status": "old", "big": 2**64 - 1}

@@ -3,7 +3,8 @@ from collections import Counter
 import pytest
 
 from sdbatch import SdbatchError
-from sdbatch.plan import Worker, local_worker, num_shards_for, resolve_worker, shard_of, shards_for
+from sdbatch.plan import num_shards_for, shard_of
+from sdbatch.workers import Worker, local_worker, resolve_worker, shards_for, steal_order
 
 
 def covers_each_shard_once(workers, num_shards):
@@ -47,6 +48,15 @@ def test_num_shards_for():
 def test_shards_for():
     assert shards_for(Worker(1, 3, "explicit"), 8) == [1, 4, 7]
     assert shards_for(Worker(0, 1, "single"), 3) == [0, 1, 2]
+
+
+def test_steal_order_takes_every_other_shard_from_the_back_of_each_owners_list():
+    worker = Worker(0, 3, "explicit")
+    order = steal_order(worker, 9)
+    assert sorted(order) == [s for s in range(9) if s % 3 != 0]
+    assert order[:2] == [7, 8]  # the last shard of workers 1 and 2 first: their owners start from the front
+    assert steal_order(Worker(2, 3, "explicit"), 9)[:2] == [6, 7]  # owners taken in turn from the next one
+    assert steal_order(Worker(0, 1, "single"), 5) == []
 
 
 # --- resolve_worker ------------------------------------------------------------------------------

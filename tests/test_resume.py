@@ -11,7 +11,7 @@ import pytest
 from conftest import cli, read_ledgers, write_manifest
 from sdbatch import SdbatchError
 from sdbatch.render import Renderer
-from sdbatch.run import EXIT_INTERRUPTED, ShardRun, run
+from sdbatch.run import EXIT_INTERRUPTED, Job, run
 
 
 def summary(text: str) -> dict:
@@ -107,20 +107,20 @@ def test_stopped_run_continues_where_it_stopped(tmp_path, make_cfg, capsys, monk
     path = write_manifest(tmp_path / "catalog.parquet", {"id": ids, "prompt": [f"product {i}" for i in ids]})
     cfg = make_cfg(f"prompts={path}", "batch_size=2")
     out = Path(cfg.output_dir)
-    original = ShardRun.render_batch
+    original = Job.render
 
     def stop_after_first_batch(self, jobs):  # as SIGTERM does: the batch in flight finishes, then the run stops
         original(self, jobs)
-        self.ctx.stop.set()
+        self.stop.set()
 
-    monkeypatch.setattr(ShardRun, "render_batch", stop_after_first_batch)
+    monkeypatch.setattr(Job, "render", stop_after_first_batch)
     assert run(cfg) == EXIT_INTERRUPTED
     assert "interrupted: rerun the same command" in capsys.readouterr().out
     first = read_ledgers(out)
     assert len(first) == 2 and len(images(out)) == 2
     before = images(out)
 
-    monkeypatch.setattr(ShardRun, "render_batch", original)
+    monkeypatch.setattr(Job, "render", original)
     assert run(cfg) == 0
     assert summary(capsys.readouterr().out)["rendered"] == 4
     assert sorted(rendered_jobs) == [(i, 0) for i in ids]  # every image rendered exactly once over both runs
