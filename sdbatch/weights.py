@@ -22,7 +22,8 @@ SUPPORTED = ("a diffusers model folder (unet/, vae/, text_encoder/, tokenizer/ w
 # what marks each checkpoint layout's parts (key prefixes of the original Stable Diffusion repositories)
 LAYOUT_TEXT = {"sdxl": "conditioner.embedders.1.model.", "sd2": "cond_stage_model.model.",
                "sd1": "cond_stage_model.transformer.", "sdxl-refiner": "conditioner.embedders.0.model."}
-LAYOUT_ARCH = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl", "sdxl-refiner": "an SDXL refiner (not supported)"}
+LAYOUT_NAMES = {"sd1": "an SD 1.x", "sd2": "an SD 2.x", "sdxl": "an SDXL", "sdxl-refiner": "an SDXL refiner"}
+LAYOUT_MODEL = {"sd1": "model=sd15", "sd2": "model=sd21", "sdxl": "model=sdxl", "sdxl-refiner": "a base model (refiners are not supported)"}
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 
 
@@ -126,9 +127,9 @@ def check_single_file(path: Path, cfg) -> str:
             f"start with {', '.join(sorted({k.split('.')[0] for k in keys})[:5]) or 'nothing'}). sdbatch loads full "
             f"single-file checkpoints (UNet, VAE and text encoders in one file), not a UNet, VAE or LoRA alone.")
     if layout != expected:
-        raise SdbatchError(f"model.path={path} is a {LAYOUT_ARCH[layout]} checkpoint (its text encoder keys start "
-                           f"with {LAYOUT_TEXT[layout]}), but model={cfg.name} expects {LAYOUT_ARCH[expected]}: "
-                           f"choose the model that matches the file.")
+        raise SdbatchError(f"model.path={path} is {LAYOUT_NAMES[layout]} checkpoint (its text encoder keys start with "
+                           f"{LAYOUT_TEXT[layout]}), but model={cfg.name} expects {LAYOUT_NAMES[expected]} one: use "
+                           f"{LAYOUT_MODEL[layout]} for this file.")
     return layout
 
 
