@@ -291,18 +291,25 @@ def single_file_model(cfg, weights: Weights) -> Model:
         unet, vae, encoders = build(arch)
     assign(unet, convert.convert_ldm_unet_checkpoint(checkpoint, unet.config), "UNet", path, arch)
     assign(vae, convert.convert_ldm_vae_checkpoint(checkpoint, vae.config), "VAE", path, arch)
-    if weights.layout == "sd2":
-        texts = [convert.convert_open_clip_checkpoint(encoders[0], checkpoint, prefix="cond_stage_model.model.")]
-    else:
-        texts = [convert.convert_ldm_clip_checkpoint(checkpoint)]
-    if weights.layout == "sdxl":
-        texts.append(convert.convert_open_clip_checkpoint(encoders[1], checkpoint, prefix="conditioner.embedders.1.model."))
-    for i, (encoder, state) in enumerate(zip(encoders, texts)):
-        if not hasattr(encoder, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
-            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    for i, (encoder, state) in enumerate(zip(encoders, text_encoder_states(checkpoint, encoders, weights.layout))):
         assign(encoder, state, "text encoder" + (f" {i + 1}" if len(encoders) > 1 else ""), path, arch)
     del checkpoint
     return arch_model(cfg.name, arch, unet, vae, encoders, weights_revision(weights))
+
+
+def text_encoder_states(checkpoint: dict, encoders: list, layout: str) -> list[dict]:
+    """The text encoders' weights in transformers' names: CLIP ViT-L as stored (SD 1, SDXL's first), OpenCLIP
+    (SD 2, SDXL's second) converted by diffusers."""
+    from diffusers.loaders import single_file_utils as convert
+
+    if layout == "sd2":
+        states = [convert.convert_open_clip_checkpoint(encoders[0], checkpoint, prefix="cond_stage_model.model.")]
+    else:
+        states = [convert.convert_ldm_clip_checkpoint(checkpoint)]
+    if layout == "sdxl":
+        states.append(convert.convert_open_clip_checkpoint(encoders[1], checkpoint, prefix="conditioner.embedders.1.model."))
+    return [state if hasattr(encoder, "text_model") else {k.removeprefix("text_model."): v for k, v in state.items()}
+            for encoder, state in zip(encoders, states)]  # transformers >= 5.6 flattened CLIPTextModel
 
 
 def assign(module: torch.nn.Module, state: dict, part: str, path: Path, arch: str) -> None:

@@ -16,7 +16,8 @@ from PIL import Image
 from conftest import REPO, cli, compose_config, read_ledgers, write_manifest
 from sdbatch import SdbatchError, weights
 from sdbatch.manifest import ImageJob
-from sdbatch.models import TINY_REVISION, clip_tokenizer, load_model, model_revision, tiny_model
+from sdbatch.models import (TINY_REVISION, assign, clip_tokenizer, load_model, model_revision, text_encoder_states,
+                            tiny_model, window_ids)
 from sdbatch.render import Renderer, make_scheduler
 from sdbatch.run import run
 
@@ -208,6 +209,25 @@ def test_single_file_of_another_architecture_is_refused(tmp_path, make_cfg):
     with pytest.raises(SdbatchError) as caught:
         model_revision(make_cfg("model.random_weights=false", f"model.path={single}").model)  # tiny SD
     assert_paragraph(caught, str(single), "an SDXL checkpoint", "conditioner.embedders.1.model.", "model=sdxl")
+
+
+
+def test_sd2_open_clip_text_encoder_converts(make_cfg):
+    """SD 2.x keeps its OpenCLIP encoder under cond_stage_model.model. (no tiny SD 2 architecture: the encoder alone)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    torch.manual_seed(0)
+    original = CLIPTextModel(config).eval()
+    checkpoint = {f"cond_stage_model.model.{k}": v for k, v in ldm_open_clip(original.state_dict()).items()}
+    with torch.device("meta"):
+        encoder = CLIPTextModel(config)
+    [state] = text_encoder_states(checkpoint, [encoder], "sd2")
+    assign(encoder, state, "text encoder", "sd2.safetensors", "sd21")
+    ids = torch.tensor([window_ids(clip_tokenizer("!"), [320, 1125, 539, 320, 2368])])
+    with torch.no_grad():
+        assert torch.allclose(encoder(ids)[0], original(ids)[0], atol=1e-6)
 
 
 # ---------------------------------------------------------------- model.path errors: one plain paragraph each
