@@ -102,7 +102,8 @@ class Model:
         pooled embedding is that of the first window, as in A1111.
         """
         tokens = [prompt_tokens(tokenizer, texts) for tokenizer in self.tokenizers]
-        windows = [[token_windows(tok, ids, max_chunks) for ids in per_text] for tok, per_text in zip(self.tokenizers, tokens)]
+        windows = [[token_windows(tokenizer, ids, max_chunks) for ids in per_text]
+                   for tokenizer, per_text in zip(self.tokenizers, tokens)]
         counts = [max(len(rows[i]) for rows in windows) for i in range(len(texts))]
         total = max([chunks, *counts])
         hidden, pooled = [], None
@@ -138,7 +139,8 @@ def prompt_tokens(tokenizer, texts: list[str]) -> list[list[int]]:
 
 def token_windows(tokenizer, ids: list[int], max_chunks: int) -> list[list[int]]:
     size = tokenizer.model_max_length - 2
-    return [window_ids(tokenizer, ids[i:i + size]) for i in range(0, len(ids), size)][:max_chunks] or [window_ids(tokenizer, [])]
+    chunks = [ids[i:i + size] for i in range(0, len(ids), size)][:max_chunks] or [[]]
+    return [window_ids(tokenizer, chunk) for chunk in chunks]
 
 
 def window_ids(tokenizer, chunk: list[int]) -> list[int]:
@@ -223,7 +225,8 @@ def tiny_model(family: str = "sd") -> Model:
 def random_model(arch: str) -> Model:
     """A full-size architecture with random weights (for speed work: speed does not depend on weights)."""
     if arch not in known_archs():
-        raise SdbatchError(f"No built-in architecture '{arch}' for model.random_weights=true (known: {', '.join(known_archs())}).")
+        raise SdbatchError(f"No built-in architecture '{arch}' for model.random_weights=true "
+                           f"(known: {', '.join(known_archs())}).")
     torch.manual_seed(TINY_SEED)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # initialise where it will run: much faster on a GPU
     with torch.device(device):
@@ -255,7 +258,8 @@ def clip_vocabulary() -> tuple[str, str]:
             f"at a diffusers folder with tokenizer/.")
     merges = gzip.decompress(VOCAB_FILE.read_bytes()).decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
     return json.dumps({token: i for i, token in enumerate(vocab)}), "#version: 0.2\n" + "\n".join(merges) + "\n"
 
 
@@ -307,7 +311,8 @@ def text_encoder_states(checkpoint: dict, encoders: list, layout: str) -> list[d
     else:
         states = [convert.convert_ldm_clip_checkpoint(checkpoint)]
     if layout == "sdxl":
-        states.append(convert.convert_open_clip_checkpoint(encoders[1], checkpoint, prefix="conditioner.embedders.1.model."))
+        prefix = "conditioner.embedders.1.model."
+        states.append(convert.convert_open_clip_checkpoint(encoders[1], checkpoint, prefix=prefix))
     return [state if hasattr(encoder, "text_model") else {k.removeprefix("text_model."): v for k, v in state.items()}
             for encoder, state in zip(encoders, states)]  # transformers >= 5.6 flattened CLIPTextModel
 

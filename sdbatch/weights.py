@@ -23,7 +23,8 @@ SUPPORTED = ("a diffusers model folder (unet/, vae/, text_encoder/, tokenizer/ w
 LAYOUT_TEXT = {"sdxl": "conditioner.embedders.1.model.", "sd2": "cond_stage_model.model.",
                "sd1": "cond_stage_model.transformer.", "sdxl-refiner": "conditioner.embedders.0.model."}
 LAYOUT_NAMES = {"sd1": "an SD 1.x", "sd2": "an SD 2.x", "sdxl": "an SDXL", "sdxl-refiner": "an SDXL refiner"}
-LAYOUT_MODEL = {"sd1": "model=sd15", "sd2": "model=sd21", "sdxl": "model=sdxl", "sdxl-refiner": "a base model (refiners are not supported)"}
+LAYOUT_MODEL = {"sd1": "model=sd15", "sd2": "model=sd21", "sdxl": "model=sdxl",
+                "sdxl-refiner": "a base model (refiners are not supported)"}
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 
 
@@ -79,7 +80,8 @@ def locate_weights(cfg) -> Weights:
     if snapshot is not None:
         check_folder(snapshot, cfg.family, given)
         return Weights(snapshot, f"{given}@{snapshot.name}")
-    hub = " and is not a hub id in the local Hugging Face cache (sdbatch never downloads)" if looks_like_hub_id(given) else ""
+    hub = " and is not a hub id in the local Hugging Face cache (sdbatch never downloads)"
+    hub = hub if looks_like_hub_id(given) else ""
     raise SdbatchError(f"model.path={given} does not exist{hub}. Point model.path at {SUPPORTED}; or use model=tiny "
                        f"to try sdbatch without weights.")
 
@@ -117,7 +119,8 @@ def check_single_file(path: Path, cfg) -> str:
                            f"built-in architectures ({', '.join(known_archs())}), and model={cfg.name} is none of "
                            f"them: use model=sd15, model=sd21 or model=sdxl with this model.path.")
     expected = arch_info(arch)["checkpoint_layout"]
-    missing = [part for part, prefix in (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX)) if not any(k.startswith(prefix) for k in keys)]
+    missing = [part for part, prefix in (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX))
+               if not any(k.startswith(prefix) for k in keys)]
     if layout is None:
         missing.append("text encoder")
     if missing:
