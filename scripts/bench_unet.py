@@ -14,8 +14,7 @@ from omegaconf import OmegaConf
 
 from sdbatch import attention
 from sdbatch.benchmark import matmul_peak_tflops, unet_flops_per_latent, unet_step_ms
-from sdbatch.models import random_model
-from sdbatch.render import random_unet_inputs
+from sdbatch.models import random_model, random_unet_inputs
 
 
 def step_ms(model, batch, size):

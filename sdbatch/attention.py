@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from sdbatch import SdbatchError
+from sdbatch.models import VAE_CHUNK, dummy_unet_call, dummy_vae_call
 
 log = logging.getLogger("sdbatch")
 MAX_BATCH_HEADS = 65535  # the CUDA kernels fail with "invalid configuration argument" at batch*heads >= 65536
@@ -113,14 +114,6 @@ def project(attn: Attention, hidden_states, encoder_hidden_states):
         if getattr(attn, "to_kv", None) is not None and attn.fused_projections:
             return (attn.to_q(hidden_states), *attn.to_kv(context).chunk(2, dim=-1))
     return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-
-
-def fuse_projections(model) -> None:
-    """Fuse Q/K/V (self-attention) and K/V (cross-attention) weights into single matmuls."""
-    for module in list(model.unet.modules()) + list(model.vae.modules()):
-        if isinstance(module, Attention):
-            module.fuse_projections(fuse=True)
-            module.fused_projections = True
 
 
 Variant = tuple  # (backend name, options dict)
@@ -291,7 +284,6 @@ def attention_shapes(model, batch_size: int, width: int, height: int) -> list[tu
             shapes.add((hidden_states.shape[0], tokens, kv, attn.heads, attn.inner_dim // attn.heads))
             return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
 
-    from sdbatch.render import VAE_CHUNK, dummy_unet_call, dummy_vae_call
     unet_processors, vae_processors = model.unet.attn_processors, model.vae.attn_processors
     recorder = Recorder(Choice(("sdpa", {"kernel": "auto"})))
     model.unet.set_attn_processor(recorder)

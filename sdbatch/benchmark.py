@@ -4,7 +4,7 @@ import statistics
 
 import torch
 
-from sdbatch.render import dummy_unet_call, random_unet_inputs
+from sdbatch.models import dummy_unet_call, random_unet_inputs
 
 
 def time_cuda_ms(fn, warmup: int = 3, repeats: int = 10) -> float:

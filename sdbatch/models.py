@@ -1,21 +1,32 @@
-"""Model components: the built-in tiny model, full-size random architectures, and real weights via from_pretrained.
+"""Model components and text conditioning: built-in tiny and random architectures, diffusers folders, single-file
+checkpoints; how prompts of any length become SD / SDXL UNet conditioning; dummy UNet/VAE calls and fused projections.
 
 A family (SD, SDXL) says how prompts become UNet conditioning; everything else is shared.
 """
 
+import gzip
 import json
-import os
+import math
+import tempfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdbatch import SdbatchError
+from sdbatch.weights import (ARCH_DIR, RANDOM_REVISION, TINY_REVISION, Weights, arch_info, arch_name, known_archs,
+                             locate_weights, model_revision, weights_revision)
 
-ARCH_DIR = Path(__file__).parent / "arch"
+__all__ = ["Model", "Conditioning", "load_model", "model_revision", "tiny_model", "random_model", "TINY_REVISION"]
+
 TINY_SEED = 1234
+VAE_CHUNK = 8  # images per VAE decode call: bounds memory and stays clear of int32 indexing limits
+MAX_PROMPT_CHUNKS = 3  # the default of conf/config.yaml's max_prompt_chunks
+VOCAB_FILE = Path(__file__).parent / "vocab" / "bpe_simple_vocab_16e6.txt.gz"
 SD_SCHEDULER_CONFIG = {  # Stable Diffusion's training schedule, used when a model folder has none
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False, "skip_prk_steps": True,
@@ -24,9 +35,10 @@ SD_SCHEDULER_CONFIG = {  # Stable Diffusion's training schedule, used when a mod
 
 @dataclass
 class Conditioning:
-    embeds: torch.Tensor  # (n, tokens, dim)
+    embeds: torch.Tensor  # (n, chunks * 77, dim)
     pooled: torch.Tensor | None  # (n, dim) for SDXL
     truncated: list[bool]
+    chunks: list[int] = field(default_factory=list)  # per text: the 77-token windows it fills, before any padding
 
 
 @dataclass
@@ -38,13 +50,18 @@ class Model:
     tokenizers: list
     text_encoders: list
     scheduler_config: dict
-    revision: str  # what identifies the weights (path or "random:<arch>")
+    revision: str  # what identifies the weights ("random:<arch>", or where they are + a content fingerprint)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def window(self) -> int:
+        """Tokens per text-encoder call (77): BOS, up to 75 prompt tokens, EOS and padding."""
+        return self.tokenizers[0].model_max_length
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "Model":
         self.device, self.dtype = device, dtype
@@ -62,7 +79,6 @@ class Model:
     def optimise(self, fuse_qkv: bool, channels_last: bool, compile_mode: str | None) -> None:
         """Speed levers for fixed-shape GPU batches; call after the attention processors are set."""
         if fuse_qkv:
-            from sdbatch.attention import fuse_projections
             fuse_projections(self)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
@@ -71,24 +87,42 @@ class Model:
             self.unet = torch.compile(self.unet, mode=compile_mode, dynamic=False)
             self.vae.decode = torch.compile(self.vae.decode, mode=compile_mode, dynamic=False)
 
+    def prompt_chunks(self, text: str) -> int:
+        """How many 75-token chunks the text needs (before any cut to max_prompt_chunks); 1 for a text that fits."""
+        return max(1, math.ceil(len(prompt_tokens(self.tokenizers[0], [text])[0]) / (self.window - 2)))
+
     @torch.no_grad()
-    def encode(self, texts: list[str], zero_empty: bool = False) -> Conditioning:
-        """Text embeddings for a list of prompts, exactly as diffusers' pipelines compute them."""
-        truncated = [_too_long(self.tokenizers[0], text) for text in texts]
-        if self.family == "sd":
-            ids = _token_ids(self.tokenizers[0], texts).to(self.device)
-            return Conditioning(self.text_encoders[0](ids)[0], None, truncated)
+    def encode(self, texts: list[str], zero_empty: bool = False, max_chunks: int = 1, chunks: int = 1) -> Conditioning:
+        """Text embeddings as diffusers' pipelines compute them, for prompts of any length as A1111 does.
+
+        The tokens go in chunks of 75, each encoded between BOS and EOS as one 77-token window, and the windows'
+        hidden states are concatenated; a text that fits one window gets exactly diffusers' embeddings. A text
+        needing more than max_chunks windows is cut there (flagged truncated). Every text is padded with encoded
+        empty windows to the longest (at least `chunks`), since a UNet batch shares one sequence length. SDXL's
+        pooled embedding is that of the first window, as in A1111.
+        """
+        tokens = [prompt_tokens(tokenizer, texts) for tokenizer in self.tokenizers]
+        windows = [[token_windows(tokenizer, ids, max_chunks) for ids in per_text]
+                   for tokenizer, per_text in zip(self.tokenizers, tokens)]
+        counts = [max(len(rows[i]) for rows in windows) for i in range(len(texts))]
+        total = max([chunks, *counts])
         hidden, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            out = encoder(_token_ids(tokenizer, texts).to(self.device), output_hidden_states=True)
-            pooled = out[0]  # the last encoder's projected pooled output
+        for tokenizer, encoder, rows in zip(self.tokenizers, self.text_encoders, windows):
+            empty = window_ids(tokenizer, [])
+            ids = torch.tensor([w + [empty] * (total - len(w)) for w in rows], device=self.device).flatten(0, 1)
+            if self.family == "sd":
+                hidden.append(encoder(ids)[0])
+                continue
+            out = encoder(ids, output_hidden_states=True)
+            pooled = out[0].unflatten(0, (len(texts), total))[:, 0]  # the last encoder's projected pooled output
             hidden.append(out.hidden_states[-2])
-        embeds = torch.cat(hidden, dim=-1)
-        if zero_empty:  # SDXL: an empty negative prompt means zeros (force_zeros_for_empty_prompt)
+        embeds = torch.cat(hidden, dim=-1).unflatten(0, (len(texts), total)).flatten(1, 2)
+        if zero_empty and self.family == "sdxl":  # an empty negative prompt means zeros (force_zeros_for_empty_prompt)
             empty = torch.tensor([t == "" for t in texts], device=self.device)
             embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
-        return Conditioning(embeds, pooled, truncated)
+        truncated = [len(ids) > max_chunks * (self.window - 2) for ids in tokens[0]]
+        return Conditioning(embeds, pooled, truncated, counts)
 
     def added_conditioning(self, pooled: torch.Tensor | None, width: int, height: int) -> dict | None:
         """SDXL's size conditioning: original size, crop top-left, target size."""
@@ -98,109 +132,141 @@ class Model:
         return {"text_embeds": pooled, "time_ids": time_ids.repeat(pooled.shape[0], 1)}
 
 
-def _token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+def prompt_tokens(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids, without BOS/EOS and uncut."""
+    return tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
 
 
-def _too_long(tokenizer, text: str) -> bool:
-    return len(tokenizer(text, truncation=False).input_ids) > tokenizer.model_max_length
+def token_windows(tokenizer, ids: list[int], max_chunks: int) -> list[list[int]]:
+    size = tokenizer.model_max_length - 2
+    chunks = [ids[i:i + size] for i in range(0, len(ids), size)][:max_chunks] or [[]]
+    return [window_ids(tokenizer, chunk) for chunk in chunks]
 
 
-def model_revision(cfg) -> str:
-    """What identifies the weights, known before loading them (part of every image's content key)."""
-    if cfg.random_weights:
-        return f"random:tiny-{cfg.family}" if cfg.name == "tiny" else f"random:{cfg.name}"
-    return str(cfg.path)
+def window_ids(tokenizer, chunk: list[int]) -> list[int]:
+    """BOS, the chunk, EOS, padding: what the tokenizer gives for a text that fits (the empty chunk for [])."""
+    ids = [tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id]
+    return ids + [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(ids))
 
 
+# ---------------------------------------------------------------- dummy calls and fused projections
+def random_unet_inputs(model: Model, batch: int, width: int, height: int):
+    """Random UNet inputs at the run's real shapes: latents, text embeddings, SDXL's added conditioning."""
+    unet, factor, device, dtype = model.unet, model.vae_scale_factor, model.device, model.dtype
+    x = torch.randn(batch, unet.config.in_channels, height // factor, width // factor, device=device, dtype=dtype)
+    embeds = torch.randn(batch, model.window, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    pooled = None
+    if model.family == "sdxl":
+        pooled = torch.randn(batch, model.text_encoders[-1].config.projection_dim, device=device, dtype=dtype)
+    return x, embeds, model.added_conditioning(pooled, width, height)
+
+
+@torch.no_grad()
+def dummy_unet_call(model: Model, batch: int, width: int, height: int) -> None:
+    """One UNet call at the run's real shapes (for attention shape discovery and warm-up)."""
+    x, embeds, added = random_unet_inputs(model, batch, width, height)
+    model.unet(x, torch.tensor(999, device=model.device), encoder_hidden_states=embeds, added_cond_kwargs=added)
+
+
+@torch.no_grad()
+def dummy_vae_call(model: Model, batch: int, width: int, height: int) -> None:
+    factor = model.vae_scale_factor
+    z = torch.randn(batch, model.vae.config.latent_channels, height // factor, width // factor,
+                    device=model.device, dtype=model.vae.dtype)
+    model.vae.decode(z)
+
+
+def fuse_projections(model: Model) -> None:
+    """Fuse Q/K/V (self-attention) and K/V (cross-attention) weights into single matmuls."""
+    for module in list(model.unet.modules()) + list(model.vae.modules()):
+        if isinstance(module, Attention):
+            module.fuse_projections(fuse=True)
+            module.fused_projections = True
+
+
+# ---------------------------------------------------------------- loading
 def load_model(cfg) -> Model:
-    """Build or load the model named by the `model` config group (on the CPU, in fp32)."""
+    """Build or load the model named by the `model` config group (on the CPU, in the weights' dtype or fp32)."""
     if cfg.random_weights and cfg.name == "tiny":
         return tiny_model(cfg.family)
     if cfg.random_weights:
         return random_model(cfg.name)
-    return pretrained_model(cfg)
+    weights = locate_weights(cfg)
+    return single_file_model(cfg, weights) if weights.single_file else pretrained_model(cfg, weights)
 
 
-# ---------------------------------------------------------------- tiny, random weights
-def tiny_tokenizer() -> CLIPTokenizer:
-    """A byte-level CLIP tokenizer with no merges: every character is a token, generated with no download."""
-    import tempfile
-
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars])}
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    with tempfile.TemporaryDirectory() as folder:
-        Path(folder, "vocab.json").write_text(json.dumps(vocab))
-        Path(folder, "merges.txt").write_text("#version: 0.2\n")
-        return CLIPTokenizer(f"{folder}/vocab.json", f"{folder}/merges.txt", model_max_length=77)
+def build(arch: str):
+    """UNet, VAE and text encoders of a built-in architecture, on the current default device (random weights)."""
+    unet = UNet2DConditionModel.from_config(arch_config(arch, "unet"))
+    vae = AutoencoderKL.from_config(arch_config(arch, "vae"))
+    encoders = [CLIPTextModel(CLIPTextConfig(**arch_config(arch, "text_encoder")))]
+    if (ARCH_DIR / arch / "text_encoder_2.json").exists():
+        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**arch_config(arch, "text_encoder_2"))))
+    return unet, vae, encoders
 
 
-def _tiny_text_config(projection: bool) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=512,
-                          eos_token_id=513, pad_token_id=513, projection_dim=32 if projection else 512)
+def arch_config(arch: str, part: str) -> dict:
+    return json.loads((ARCH_DIR / arch / f"{part}.json").read_text())
+
+
+def arch_model(name: str, arch: str, unet, vae, encoders, revision: str) -> Model:
+    tokenizers = [clip_tokenizer(pad) for pad in arch_info(arch)["pad_tokens"]]
+    return Model(name, arch_info(arch)["family"], unet, vae, tokenizers, encoders, arch_config(arch, "scheduler"), revision)
 
 
 def tiny_model(family: str = "sd") -> Model:
-    """SD-architecture model small enough for a CPU; the same weights on every machine (fixed seed)."""
+    """SD-architecture model small enough for a CPU; the same weights on every machine (fixed seed, built on the CPU)."""
     torch.manual_seed(TINY_SEED)
-    sdxl = family == "sdxl"
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64 if sdxl else 32, attention_head_dim=8,
-        **({"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-            "projection_class_embeddings_input_dim": 6 * 8 + 32} if sdxl else {}),
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4, sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    tokenizers = [tiny_tokenizer()]
-    encoders = [CLIPTextModel(_tiny_text_config(False))]
-    if sdxl:
-        tokenizers.append(tiny_tokenizer())
-        encoders.append(CLIPTextModelWithProjection(_tiny_text_config(True)))
-    return Model("tiny", family, unet, vae, tokenizers, encoders, dict(SD_SCHEDULER_CONFIG), f"random:tiny-{family}")
+    with torch.device("cpu"):
+        parts = build(f"tiny-{family}")
+    return arch_model("tiny", f"tiny-{family}", *parts, TINY_REVISION[family])
 
 
 def random_model(arch: str) -> Model:
     """A full-size architecture with random weights (for speed work: speed does not depend on weights)."""
-    folder = ARCH_DIR / arch
-    if not folder.is_dir():
-        known = sorted(p.name for p in ARCH_DIR.iterdir() if p.is_dir()) if ARCH_DIR.is_dir() else []
-        raise SdbatchError(f"No built-in architecture '{arch}' for model.random_weights=true (known: {', '.join(known)}).")
-
-    def config(name):
-        return json.loads((folder / f"{name}.json").read_text())
-
+    if arch not in known_archs():
+        raise SdbatchError(f"No built-in architecture '{arch}' for model.random_weights=true "
+                           f"(known: {', '.join(known_archs())}).")
     torch.manual_seed(TINY_SEED)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # initialise where it will run: much faster on a GPU
     with torch.device(device):
-        unet = UNet2DConditionModel.from_config(config("unet"))
-        vae = AutoencoderKL.from_config(config("vae"))
-        encoders = [CLIPTextModel(CLIPTextConfig(**config("text_encoder")))]
-        if (folder / "text_encoder_2.json").exists():
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**config("text_encoder_2"))))
-    tokenizers = [tiny_tokenizer() for _ in encoders]  # no real vocabulary offline; ids stay in range
-    family = "sdxl" if len(encoders) == 2 else "sd"
-    return Model(arch, family, unet, vae, tokenizers, encoders, config("scheduler"), f"random:{arch}")
+        parts = build(arch)
+    return arch_model(arch, arch, *parts, RANDOM_REVISION.format(arch=arch))
+
+
+# ---------------------------------------------------------------- tokenizers
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The standard CLIP tokenizer of SD and SDXL, from the BPE vocabulary sdbatch ships (single-file checkpoints
+    and random weights carry none). OpenCLIP encoders (SD 2, SDXL's second) pad with "!", as diffusers' do."""
+    vocab, merges = clip_vocabulary()
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "vocab.json").write_text(vocab)
+        Path(folder, "merges.txt").write_text(merges)
+        return CLIPTokenizer(f"{folder}/vocab.json", f"{folder}/merges.txt", pad_token=pad_token, model_max_length=77)
+
+
+@lru_cache(maxsize=1)
+def clip_vocabulary() -> tuple[str, str]:
+    """vocab.json and merges.txt for CLIPTokenizer, converted from open_clip's bpe_simple_vocab_16e6.txt.gz the way
+    CLIP's own tokenizer reads it (byte symbols, byte</w> symbols, one symbol per merge, then the two specials)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    if not VOCAB_FILE.exists():
+        raise SdbatchError(
+            f"sdbatch's copy of CLIP's vocabulary ({VOCAB_FILE}) is missing, and this model has no tokenizer of its "
+            f"own (single-file checkpoints and random weights carry none). Reinstall sdbatch, or point model.path "
+            f"at a diffusers folder with tokenizer/.")
+    merges = gzip.decompress(VOCAB_FILE.read_bytes()).decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return json.dumps({token: i for i, token in enumerate(vocab)}), "#version: 0.2\n" + "\n".join(merges) + "\n"
 
 
 # ---------------------------------------------------------------- real weights
-COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-
-def pretrained_model(cfg) -> Model:
-    """Load a diffusers-format folder (or hub id already in the local cache); safetensors only."""
-    folder = _resolve_folder(cfg)
-    _refuse_pickle(folder)
-    sdxl = cfg.family == "sdxl"
+def pretrained_model(cfg, weights: Weights) -> Model:
+    """Load a diffusers-format folder (or hub snapshot already in the local cache); safetensors only."""
+    folder, sdxl = str(weights.path), cfg.family == "sdxl"
     load = {"use_safetensors": True}
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **load)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load)
@@ -211,34 +277,59 @@ def pretrained_model(cfg) -> Model:
         encoders.append(CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **load))
     scheduler_file = Path(folder, "scheduler", "scheduler_config.json")
     scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.exists() else dict(SD_SCHEDULER_CONFIG)
-    return Model(cfg.name, cfg.family, unet, vae, tokenizers, encoders, scheduler_config, str(cfg.path))
+    return Model(cfg.name, cfg.family, unet, vae, tokenizers, encoders, scheduler_config, weights_revision(weights))
 
 
-def _resolve_folder(cfg) -> str:
-    path = str(cfg.path) if cfg.path else ""
-    if path and os.path.isdir(path):
-        return path
-    if path and not path.startswith((".", "/", "~")) and path.count("/") == 1:
-        try:  # a hub id that is already in the local Hugging Face cache
-            from huggingface_hub import snapshot_download
-            return snapshot_download(path, local_files_only=True)
-        except Exception:
-            pass
-    raise SdbatchError(
-        f"The weights for model={cfg.name} were not found at '{path}' (not a local folder, and not in the "
-        f"Hugging Face cache; sdbatch does not download): pass model.path=/path/to/a/diffusers/folder with "
-        f"safetensors weights, or use model=tiny to try sdbatch without weights.")
+def single_file_model(cfg, weights: Weights) -> Model:
+    """A single-file checkpoint in the original (A1111/civitai) layout, on the architecture sdbatch ships for it.
+
+    diffusers' single-file converters rename the keys; the modules are built on the meta device from the shipped
+    configs and take the checkpoint's tensors as they are (no random init, no hub). Tokenizers: sdbatch's CLIP vocabulary.
+    """
+    from diffusers.loaders import single_file_utils as convert
+    from safetensors.torch import load_file
+
+    arch, path = arch_name(cfg), weights.path
+    checkpoint = load_file(path)
+    with torch.device("meta"):
+        unet, vae, encoders = build(arch)
+    assign(unet, convert.convert_ldm_unet_checkpoint(checkpoint, unet.config), "UNet", path, arch)
+    assign(vae, convert.convert_ldm_vae_checkpoint(checkpoint, vae.config), "VAE", path, arch)
+    for i, (encoder, state) in enumerate(zip(encoders, text_encoder_states(checkpoint, encoders, weights.layout))):
+        assign(encoder, state, "text encoder" + (f" {i + 1}" if len(encoders) > 1 else ""), path, arch)
+    del checkpoint
+    return arch_model(cfg.name, arch, unet, vae, encoders, weights_revision(weights))
 
 
-def _refuse_pickle(folder: str) -> None:
-    for name in COMPONENT_FOLDERS:
-        part = Path(folder, name)
-        if not part.is_dir():
-            continue
-        files = [p.name for p in part.iterdir()]
-        pickles = [f for f in files if f.endswith((".bin", ".ckpt", ".pt", ".pth"))]
-        if pickles and not any(f.endswith(".safetensors") for f in files):
-            raise SdbatchError(
-                f"{part} holds only pickle weights ({', '.join(sorted(pickles))}); sdbatch loads safetensors only, "
-                f"because pickle files can run code when loaded. Convert them to .safetensors (diffusers' "
-                f"save_pretrained(..., safe_serialization=True) does) and point model.path at that folder.")
+def text_encoder_states(checkpoint: dict, encoders: list, layout: str) -> list[dict]:
+    """The text encoders' weights in transformers' names: CLIP ViT-L as stored (SD 1, SDXL's first), OpenCLIP
+    (SD 2, SDXL's second) converted by diffusers."""
+    from diffusers.loaders import single_file_utils as convert
+
+    if layout == "sd2":
+        states = [convert.convert_open_clip_checkpoint(encoders[0], checkpoint, prefix="cond_stage_model.model.")]
+    else:
+        states = [convert.convert_ldm_clip_checkpoint(checkpoint)]
+    if layout == "sdxl":
+        prefix = "conditioner.embedders.1.model."
+        states.append(convert.convert_open_clip_checkpoint(encoders[1], checkpoint, prefix=prefix))
+    return [state if hasattr(encoder, "text_model") else {k.removeprefix("text_model."): v for k, v in state.items()}
+            for encoder, state in zip(encoders, states)]  # transformers >= 5.6 flattened CLIPTextModel
+
+
+def assign(module: torch.nn.Module, state: dict, part: str, path: Path, arch: str) -> None:
+    """Put converted checkpoint tensors into a module built on the meta device; every weight must be there."""
+    try:
+        missing, _ = module.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as error:  # size mismatches: the file is another architecture
+        first = str(error).split("\n\t")[1] if "\n\t" in str(error) else str(error)
+        raise SdbatchError(f"{path} does not fit the {arch} architecture's {part}: {first.strip()}. Choose the model= "
+                           f"that matches the checkpoint.") from None
+    if missing:
+        raise SdbatchError(f"{path} lacks {len(missing)} of the {arch} architecture's {part} weights (e.g. "
+                           f"{missing[0]}): it is not a complete {arch} checkpoint. Choose the model= that matches it.")
+    for sub in module.modules():  # CLIP's position ids are a non-persistent buffer: no checkpoint holds them
+        ids = sub._buffers.get("position_ids")
+        if ids is not None and ids.is_meta:
+            sub.register_buffer("position_ids", torch.arange(ids.shape[-1]).expand(ids.shape), persistent=False)
+    module.eval()

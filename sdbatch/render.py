@@ -10,18 +10,17 @@ import diffusers
 import torch
 
 from sdbatch.manifest import ImageJob
-from sdbatch.models import Conditioning, Model
+from sdbatch.models import MAX_PROMPT_CHUNKS, VAE_CHUNK, Conditioning, Model
 
 log = logging.getLogger("sdbatch")
 TEXT_CACHE_SIZE = 1024  # distinct prompts kept encoded on the device
-VAE_CHUNK = 8  # images per VAE decode call: bounds memory and stays clear of int32 indexing limits
 
 
 @dataclass
 class BatchResult:
     pixels: list  # per image: uint8 (H, W, 3) tensor on the CPU, or None when failed
     failures: list  # per image: None, or the reason it failed
-    truncated: list  # per image: the prompt was cut to the text encoder's window
+    truncated: list  # per image: the prompt was cut to max_prompt_chunks windows of the text encoder
     seconds: dict = field(default_factory=dict)  # text_encode_s, denoise_s, vae_decode_s for the whole batch
     batch_sizes: list = field(default_factory=list)  # per image: images in the UNet batch it ran in
 
@@ -38,10 +37,12 @@ def make_scheduler(scheduler_cfg, model_scheduler_config: dict):
 
 
 class Renderer:
-    def __init__(self, model: Model, scheduler_cfg, pad_to: int | None = None):
+    def __init__(self, model: Model, scheduler_cfg, pad_to: int | None = None, max_prompt_chunks: int = MAX_PROMPT_CHUNKS):
         self.model, self.scheduler_cfg, self.pad_to = model, scheduler_cfg, pad_to
+        self.max_prompt_chunks = max_prompt_chunks
         self.max_batch = None  # set after a CUDA out-of-memory error; later batches are cut to it
         self.text_cache: OrderedDict = OrderedDict()
+        self.empty_window = None  # the encoded empty prompt: long-prompt padding, encoded on first use
         step_parameters = inspect.signature(make_scheduler(scheduler_cfg, model.scheduler_config).step).parameters
         self.step_takes_generator = "generator" in step_parameters
 
@@ -66,8 +67,7 @@ class Renderer:
         pad_to = min(self.pad_to, self.max_batch or self.pad_to) if self.pad_to else 0
         padded = jobs + [first] * max(0, pad_to - len(jobs))  # static shape: pad, never recompile
         clock = Stopwatch(model.device)
-        cond, uncond = self.conditioning([j.prompt for j in padded]), self.conditioning(
-            [j.negative_prompt for j in padded], negative=True)
+        cond, uncond = self.text_conditioning(padded)
         seconds = {"text_encode_s": clock.lap()}
         generators = [torch.Generator().manual_seed(j.seed) for j in padded]  # drawn from as diffusers does
         latents = initial_latents(padded, model, generators)
@@ -79,23 +79,65 @@ class Renderer:
         seconds["vae_decode_s"] = clock.lap()
         return BatchResult(pixels, failures, cond.truncated[:len(jobs)], seconds, [len(padded)] * len(jobs))
 
-    def conditioning(self, texts: list[str], negative: bool = False) -> Conditioning:
-        """Embeddings for texts, encoding each distinct text once and keeping recent ones on the device."""
+    def batch_key(self, job: ImageJob) -> tuple:
+        """batch_key plus the text windows the job fills: batched only with jobs of the same count, an image's text
+        conditioning never gets padding for a longer prompt of another row (so it does not depend on its batch)."""
+        return (*batch_key(job), self.text_chunks(job))
+
+    def text_chunks(self, job: ImageJob) -> int:
+        """77-token windows of the job's conditioning: its prompt's, or its negative prompt's when that is longer
+        (and guidance uses it), at most max_prompt_chunks."""
+        chunks = self.model.prompt_chunks(job.prompt)
+        if job.guidance_scale > 1:
+            chunks = max(chunks, self.model.prompt_chunks(job.negative_prompt))
+        return min(chunks, self.max_prompt_chunks)
+
+    def text_conditioning(self, jobs: list[ImageJob]) -> tuple[Conditioning, Conditioning | None]:
+        """Prompt and negative-prompt conditioning of one batch, padded to one length (the negative only with guidance)."""
+        prompts = [j.prompt for j in jobs]
+        cond = self.conditioning(prompts)
+        if jobs[0].guidance_scale <= 1:
+            return cond, None
+        uncond = self.conditioning([j.negative_prompt for j in jobs], negative=True, chunks=max(cond.chunks))
+        if max(uncond.chunks) > max(cond.chunks):  # a negative prompt longer than every prompt
+            cond = self.conditioning(prompts, chunks=max(uncond.chunks))
+        return cond, uncond
+
+    def conditioning(self, texts: list[str], negative: bool = False, chunks: int = 1) -> Conditioning:
+        """Embeddings for texts, encoding each distinct text once and keeping recent ones on the device.
+
+        Texts are padded with the encoded empty window to one length, the longest among them and at least `chunks`
+        windows (as A1111 pads); its `chunks` are then that length for every text.
+        """
         zero_empty = negative and self.model.family == "sdxl"
         keys = [(zero_empty, t) for t in texts]
         missing = list(dict.fromkeys(k for k in keys if k not in self.text_cache))
         if missing:
-            encoded = self.model.encode([t for _, t in missing], zero_empty=zero_empty)
+            encoded = self.model.encode([t for _, t in missing], zero_empty=zero_empty, max_chunks=self.max_prompt_chunks)
+            window = self.model.window
             for i, key in enumerate(missing):
                 pooled = encoded.pooled[i] if encoded.pooled is not None else None
-                self.text_cache[key] = (encoded.embeds[i], pooled, encoded.truncated[i])
+                self.text_cache[key] = (encoded.embeds[i, :encoded.chunks[i] * window], pooled, encoded.truncated[i])
         for key in keys:
             self.text_cache.move_to_end(key)
         rows = [self.text_cache[k] for k in keys]
         while len(self.text_cache) > max(TEXT_CACHE_SIZE, len(keys)):
             self.text_cache.popitem(last=False)
+        length = max([chunks * self.model.window, *(r[0].shape[0] for r in rows)])
+        embeds = torch.stack([self.pad(row[0], length, zeros=zero_empty and text == "") for row, text in zip(rows, texts)])
         pooled = torch.stack([r[1] for r in rows]) if rows[0][1] is not None else None
-        return Conditioning(torch.stack([r[0] for r in rows]), pooled, [r[2] for r in rows])
+        return Conditioning(embeds, pooled, [r[2] for r in rows], [length // self.model.window] * len(rows))
+
+    def pad(self, embeds: torch.Tensor, length: int, zeros: bool) -> torch.Tensor:
+        """embeds followed by encoded empty windows (zeros for an SDXL empty negative, which is zeros) up to length."""
+        if embeds.shape[0] == length:
+            return embeds
+        if zeros:
+            return torch.cat([embeds, embeds.new_zeros(length - embeds.shape[0], embeds.shape[1])])
+        if self.empty_window is None:
+            self.empty_window = self.model.encode([""]).embeds[0]
+        repeats = (length - embeds.shape[0]) // self.model.window
+        return torch.cat([embeds, self.empty_window.repeat(repeats, 1)])
 
     def denoise(self, latents, cond, uncond, steps, guidance_scale, width, height, generators):
         model = self.model
@@ -161,30 +203,3 @@ class Stopwatch:
         now = time.perf_counter()
         elapsed, self.last = now - self.last, now
         return elapsed
-
-
-def random_unet_inputs(model: Model, batch: int, width: int, height: int):
-    """Random UNet inputs at the run's real shapes: latents, text embeddings, SDXL's added conditioning."""
-    unet, factor, device, dtype = model.unet, model.vae_scale_factor, model.device, model.dtype
-    x = torch.randn(batch, unet.config.in_channels, height // factor, width // factor, device=device, dtype=dtype)
-    tokens = model.tokenizers[0].model_max_length
-    embeds = torch.randn(batch, tokens, unet.config.cross_attention_dim, device=device, dtype=dtype)
-    pooled = None
-    if model.family == "sdxl":
-        pooled = torch.randn(batch, model.text_encoders[-1].config.projection_dim, device=device, dtype=dtype)
-    return x, embeds, model.added_conditioning(pooled, width, height)
-
-
-@torch.no_grad()
-def dummy_unet_call(model: Model, batch: int, width: int, height: int) -> None:
-    """One UNet call at the run's real shapes (for attention shape discovery and warm-up)."""
-    x, embeds, added = random_unet_inputs(model, batch, width, height)
-    model.unet(x, torch.tensor(999, device=model.device), encoder_hidden_states=embeds, added_cond_kwargs=added)
-
-
-@torch.no_grad()
-def dummy_vae_call(model: Model, batch: int, width: int, height: int) -> None:
-    factor = model.vae_scale_factor
-    z = torch.randn(batch, model.vae.config.latent_channels, height // factor, width // factor,
-                    device=model.device, dtype=model.vae.dtype)
-    model.vae.decode(z)

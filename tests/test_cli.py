@@ -17,7 +17,7 @@ from sdbatch.run import run
 CONTRACT_COLUMNS = ("id", "image_index", "seed", "prompt", "image_path", "status", "attention_backend", "shard",
                     "worker_index", "num_workers", "device")
 STAGE_COLUMNS = ("text_encode_s", "denoise_s", "vae_decode_s", "write_s")
-LONG_PROMPT = "a minimalist wooden desk lamp with a linen shade on an oak table, " * 6  # > 77 tokens
+LONG_PROMPT = "a minimalist wooden desk lamp with a linen shade on an oak table, " * 17  # > 3 windows of 75 tokens
 HEBREW = "אגרטל זכוכית כחול על שולחן עץ"
 ARABIC = "مصباح مكتب خشبي"
 

@@ -10,8 +10,7 @@ from omegaconf import OmegaConf
 
 from sdbatch import attention
 from sdbatch.benchmark import peak_memory_gib
-from sdbatch.models import random_model
-from sdbatch.render import random_unet_inputs
+from sdbatch.models import random_model, random_unet_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 BACKENDS = ["vanilla", "sdpa", "xformers", "auto"]

@@ -111,3 +111,78 @@ def test_pixels_do_not_depend_on_batch_shard_or_worker_count(tmp_path):
     assert {r["worker_index"] for r in rows} == {0, 1} and {r["num_workers"] for r in rows} == {2}
     assert len(first_half) < len(rows)
     assert_same_images(reference, rendered(workers))
+
+
+# ---------------------------------------------------------------- prompts longer than one window (A1111's chunks)
+LONG = "a detailed photo of a " + "red cat on a blue sofa, " * 16  # 117 tokens: 2 windows of 75
+VERY_LONG = "a detailed photo of a " + "red cat on a blue sofa, " * 40  # 285 tokens: 4 windows
+
+
+def job(prompt, negative="", seed=1, guidance_scale=7.5):
+    return ImageJob(id=prompt[:8], image_index=0, prompt=prompt, negative_prompt=negative, seed=seed, width=64,
+                    height=64, steps=2, guidance_scale=guidance_scale, extra={})
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_prompt_that_fits_one_window_gets_diffusers_embeddings(family):
+    model = tiny_model(family)
+    pipe = diffusers_pipeline(model, make_scheduler(compose_config().scheduler, model.scheduler_config))
+    for prompt in ["a red cat on a sofa", ""]:
+        ours = model.encode([prompt], max_chunks=3)
+        theirs = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        assert ours.embeds.shape[1] == 77 and ours.chunks == [1] and ours.truncated == [False]
+        assert torch.equal(ours.embeds, theirs[0])
+        if family == "sdxl":
+            assert torch.equal(ours.pooled, theirs[2])
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_long_prompt_is_encoded_in_windows_of_75_tokens(family):
+    model = tiny_model(family)
+    assert [model.prompt_chunks(t) for t in ("", "a red cat", LONG, VERY_LONG)] == [1, 1, 2, 4]
+    full, cut = model.encode([LONG], max_chunks=3), model.encode([LONG], max_chunks=1)
+    assert full.embeds.shape[1] == 2 * 77 and (full.chunks, full.truncated) == ([2], [False])
+    assert cut.embeds.shape[1] == 77 and (cut.chunks, cut.truncated) == ([1], [True])
+    assert torch.allclose(full.embeds[:, :77], cut.embeds, atol=1e-5)  # the first window is the truncated prompt
+    empty = model.encode([""]).embeds
+    assert not torch.allclose(full.embeds[:, 77:], empty, atol=1e-3)  # the second window carries the rest
+    if family == "sdxl":
+        assert torch.allclose(full.pooled, cut.pooled, atol=1e-5)  # pooled from the first window, as A1111 does
+
+    batch = model.encode(["a red cat", LONG, VERY_LONG], max_chunks=3)
+    assert batch.embeds.shape[1] == 3 * 77 and batch.chunks == [1, 2, 3] and batch.truncated == [False, False, True]
+    short = model.encode(["a red cat"]).embeds[0]
+    assert torch.allclose(batch.embeds[0], torch.cat([short, empty[0], empty[0]]), atol=1e-5)  # padded with empty windows
+    assert torch.allclose(batch.embeds[1, :154], full.embeds[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_long_prompt_renders_from_all_its_windows_and_flags_only_what_is_cut(family):
+    model = tiny_model(family)
+    scheduler_cfg = compose_config().scheduler
+    windows, truncated = Renderer(model, scheduler_cfg), Renderer(model, scheduler_cfg, max_prompt_chunks=1)
+    full, cut = windows.render([job(LONG)]), truncated.render([job(LONG)])
+    assert (full.truncated, cut.truncated) == ([False], [True])
+    assert np.abs(full.pixels[0].numpy().astype(int) - cut.pixels[0].numpy().astype(int)).max() > 2
+    assert windows.render([job(VERY_LONG)]).truncated == [True]
+
+    # a batch of mixed lengths (and a negative prompt longer than every prompt) shares one padded length
+    mixed = windows.render([job("a red cat"), job(LONG), job("a blue dog", negative=VERY_LONG)])
+    assert mixed.failures == [None] * 3 and mixed.truncated == [False, False, False]
+    # the batch key keeps lengths apart, so an image's conditioning never depends on its neighbours
+    assert [windows.batch_key(j)[-1] for j in (job("a"), job(LONG), job("a", negative=LONG),
+                                               job("a", negative=LONG, guidance_scale=1), job(VERY_LONG))] == [1, 2, 2, 1, 3]
+
+
+def test_text_cache_encodes_each_distinct_text_once():
+    model = tiny_model("sd")
+    renderer = Renderer(model, compose_config().scheduler)
+    calls = []
+    encode = model.encode
+    model.encode = lambda texts, **kw: calls.append(list(texts)) or encode(texts, **kw)
+    first = renderer.conditioning(["a red cat", LONG, "a red cat"])
+    assert first.embeds.shape[:2] == (3, 154) and first.chunks == [2, 2, 2]
+    assert calls == [["a red cat", LONG], [""]]  # the two texts, then the empty window that pads the short one
+    again = renderer.conditioning([LONG, "a red cat"], chunks=3)
+    assert len(calls) == 2 and again.embeds.shape[1] == 3 * 77
+    assert torch.equal(again.embeds[0, :154], first.embeds[1]) and torch.equal(again.embeds[1, :154], first.embeds[0])

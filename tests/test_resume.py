@@ -225,7 +225,7 @@ def test_prune_later_deletes_images_kept_by_an_earlier_rerun(tmp_path, make_cfg,
 
 # ---------------------------------------------------------------- run-level changes
 @pytest.mark.parametrize("change, words", [("steps=3", "steps: 2 -> 3"), ("scheduler=euler", "'pndm' -> 'euler'"),
-                                           ("model.family=sdxl", "model: 'random:tiny-sd' -> 'random:tiny-sdxl'")])
+                                           ("model.family=sdxl", "model: 'random:tiny-sd-v2' -> 'random:tiny-sdxl-v2'")])
 def test_run_level_change_refuses_unless_overwrite(tmp_path, make_cfg, capsys, change, words):
     path = write_manifest(tmp_path / "catalog.parquet", CATALOG)
     cfg = make_cfg(f"prompts={path}")
