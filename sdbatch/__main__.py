@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from sdbatch import EXIT_INTERRUPTED, SdbatchError
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sdbatch %(levelname)s %(message)s", stream=sys.stderr)
     stop_before_rendering()

@@ -563,7 +563,7 @@ def report_from_config(cfg) -> dict:
     return build_report(output_dir, merged=cfg.merged, thumb_size=cfg.thumb_size, max_thumbs=cfg.max_thumbs)
 
 
-@hydra.main(config_path="../conf", config_name="report", version_base="1.3")
+@hydra.main(config_path="conf", config_name="report", version_base="1.3")
 def main(cfg) -> None:
     try:
         summary = report_from_config(cfg)

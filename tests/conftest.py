@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_DIR = REPO / "sdbatch" / "conf"
 TEST_OVERRIDES = ["model=tiny", "steps=2", "progress=false"]
 
 
