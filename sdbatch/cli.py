@@ -29,7 +29,13 @@ def start(config_name: str, check, argv: list[str] | None = None) -> None:
     """Print --help and exit 0, or exit 2 with one paragraph for a mistake anywhere in the command line."""
     from hydra._internal.utils import get_args_parser  # the parser @hydra.main uses
 
-    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = get_args_parser()
+    parser.error = parse_error
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SdbatchError as error:
+        print(f"sdbatch: error: {error}", file=sys.stderr)
+        sys.exit(2)
     if args.help:
         print(help_text(config_name))
         sys.exit(0)
@@ -40,6 +46,12 @@ def start(config_name: str, check, argv: list[str] | None = None) -> None:
     except SdbatchError as error:
         print(f"sdbatch: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def parse_error(message: str):
+    """argparse's error as one paragraph (it would print its usage and exit 2)."""
+    raise SdbatchError(f"Invalid command line: {message}; options such as -m go before the key=value settings "
+                       "(see --help).")
 
 
 def preflight(config_name: str, lines: list[str], multirun: bool, config_dir: str | None, check) -> None:
