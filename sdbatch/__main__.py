@@ -28,7 +28,7 @@ def run_job(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    cli.start("config", settings.check)  # --help, and every mistake in the command line, before Hydra and torch
+    cli.start("config", settings.run_problems)  # --help, and every mistake in the command line, before Hydra and torch
     run_job()
 
 

@@ -10,11 +10,11 @@ what @hydra.main will compose), checks the overrides and then every job's settin
 
 import copy
 import difflib
+import os
 import re
 import shutil
 import sys
 import textwrap
-from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -25,24 +25,21 @@ from sdbatch.settings import CONF_DIR
 TEXT_KEYS = "scheduler.options."  # free-form keyword arguments: `+scheduler.options.KEY=VALUE` may add one
 
 
-def start(config_name: str, check, argv: list[str] | None = None) -> None:
-    """Print --help and exit 0, or exit 2 with one paragraph for a mistake anywhere in the command line."""
-    from hydra._internal.utils import get_args_parser  # the parser @hydra.main uses
+def start(config_name: str, problems_of, argv: list[str] | None = None) -> None:
+    """Print --help and exit 0, or exit 2 with one paragraph for a mistake anywhere in the command line.
+    problems_of(cfg) lists what is wrong with a composed config (settings.run_problems)."""
+    from hydra._internal.utils import get_args_parser  # the parser @hydra.main uses (Hydra 1.3's internals)
 
     parser = get_args_parser()
     parser.error = parse_error
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    except SdbatchError as error:
-        print(f"sdbatch: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    if args.help:
-        print(help_text(config_name))
-        sys.exit(0)
-    if args.cfg or args.info or args.hydra_help or args.shell_completion or args.config_path or args.config_name:
-        return  # Hydra's own commands, or a config of the user's: Hydra reports; the settings are checked in the job
-    try:
-        preflight(config_name, args.overrides, args.multirun, args.config_dir, check)
+        if args.help:
+            print(help_text(config_name))
+            sys.exit(0)
+        hydra_own = args.cfg or args.info or args.hydra_help or args.shell_completion
+        if not (hydra_own or args.config_path or args.config_name):  # else the job checks the settings
+            preflight(config_name, args.overrides, args.multirun, args.config_dir, problems_of)
     except SdbatchError as error:
         print(f"sdbatch: error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -54,25 +51,20 @@ def parse_error(message: str):
                        "(see --help).")
 
 
-def preflight(config_name: str, lines: list[str], multirun: bool, config_dir: str | None, check) -> None:
+def preflight(config_name: str, lines: list[str], multirun: bool, config_dir: str | None, problems_of) -> None:
     """Raise SdbatchError for unknown keys and options, appended or deleted settings, then bad settings in any job."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
     try:
         hydra = make_hydra(config_dir)
-        overrides = parse(lines)
+        overrides = parse(lines, hydra.config_loader)
         problems = override_problems(hydra, config_name, overrides, multirun)
         if problems:
             raise SdbatchError(f"Invalid command line: {'; '.join(problems)}. See python -m {program(config_name)} "
                                "--help.")
-        problems = []
         for cfg in job_configs(hydra, config_name, overrides, multirun):
-            try:
-                check(cfg)
-            except SdbatchError as error:
-                problems += [p for p in str(error).removeprefix("Invalid settings: ").rstrip(".").split("; ")
-                             if p not in problems]
+            problems += [problem for problem in problems_of(cfg) if problem not in problems]
         if problems:
             raise SdbatchError("Invalid settings: " + "; ".join(problems) + ".")
     except (HydraException, OmegaConfBaseException) as error:
@@ -84,12 +76,10 @@ def preflight(config_name: str, lines: list[str], multirun: bool, config_dir: st
 def make_hydra(config_dir: str | None):
     """A Hydra with the search path @hydra.main builds: Hydra's configs, plugins' (submitit), sdbatch/conf and
     --config-dir."""
-    import os
-
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_automatic_config_search_path
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
 
     search_path = create_automatic_config_search_path(None, None, str(CONF_DIR))
     if config_dir is not None:
@@ -100,11 +90,11 @@ def make_hydra(config_dir: str | None):
     return Hydra.create_main_hydra2(task_name="sdbatch", config_search_path=search_path)
 
 
-def parse(lines: list[str]) -> list:
+def parse(lines: list[str], loader) -> list:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    parser = OverridesParser.create()
+    parser = OverridesParser.create(config_loader=loader)  # the loader expands model=glob(*)
     try:
         return parser.parse_overrides(overrides=lines)
     except OverrideParseException as error:
@@ -143,6 +133,8 @@ def override_problems(hydra, config_name: str, overrides: list, multirun: bool) 
         if override.is_sweep_override() and not multirun:
             problems.append(f"{line} lists several values, which sweeps over them and needs -m (--multirun); "
                             f"to pass text with a comma, quote it: {override.key_or_group}='...'")
+        elif override.is_sweep_override() and override.is_hydra_override():
+            problems.append(f"{line}: Hydra's own settings cannot be swept, only sdbatch's (worker_index=0,1,...)")
         if not is_group(override, known_groups):
             continue
         group = override.key_or_group
@@ -227,7 +219,7 @@ def job_configs(hydra, config_name: str, overrides: list, multirun: bool):
     jobs = BasicSweeper.split_arguments(task, None)[0] if multirun else [[o.input_line for o in task]]
     bases = {}
     for job in jobs:
-        parsed = parse(job)
+        parsed = parse(job, loader)
         choices = tuple(o.input_line for o in parsed if is_group(o, known_groups))
         if choices not in bases:  # compose once per choice of groups; the values are set on a copy
             base = hydra.compose_config(config_name, hydra_lines + list(choices), run_mode=run_mode("RUN"),
@@ -238,9 +230,19 @@ def job_configs(hydra, config_name: str, overrides: list, multirun: bool):
         cfg = copy.deepcopy(bases[choices])
         for override in parsed:
             if not is_group(override, known_groups):
-                force = override.is_add() or override.is_force_add()
-                OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True, force_add=force)
+                set_value(cfg, override)
         yield cfg
+
+
+def set_value(cfg, override) -> None:
+    """Apply a key=value override as Hydra does; a key only some options of a swept group have is named."""
+    force = override.is_add() or override.is_force_add()
+    try:
+        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True, force_add=force)
+    except OmegaConfBaseException:
+        known = set(key_paths(OmegaConf.to_container(cfg, resolve=False)))
+        raise SdbatchError(f"Invalid command line: {unknown(override.input_line, override.key_or_group, known, cfg)}"
+                           ".") from None
 
 
 def run_mode(name: str):
@@ -274,7 +276,8 @@ def read_config(config_name: str) -> tuple[list[str], list[tuple], list[tuple]]:
         if not line.startswith("#"):
             break
         header.append(line[2:] if line.startswith("# ") else line[1:])
-    keys = [(m[1], m[2].strip(), m[3].strip()) for m in re.finditer(r"^(\w+):[ \t]+(.*?)[ \t]+#[ \t]*(.*)$", text, re.M)]
+    key_lines = re.finditer(r"^(\w+):[ \t]+(.*?)[ \t]+#[ \t]*(.*)$", text, re.M)
+    keys = [(m[1], m[2].strip(), m[3].strip()) for m in key_lines]
     group_lines = re.finditer(r"^[ \t]+-[ \t]+(\w+):[ \t]+(\S+)[ \t]+#[ \t]*(.*)$", text, re.M)
     return header, keys, [(m[1], m[2], m[3].strip()) for m in group_lines]
 

@@ -575,7 +575,7 @@ def report_job(cfg) -> None:
 
 
 def main() -> None:
-    cli.start("report", settings.check_report)  # --help, and every mistake in the command line, before Hydra
+    cli.start("report", settings.report_problems)  # --help, and every mistake in the command line, before Hydra
     report_job()
 
 

@@ -170,15 +170,25 @@ def check(cfg) -> None:
 
     Plain Python on the config alone (no torch): types, ranges, finite numbers, enumerations, and steps within
     what the scheduler can place on the model's training schedule."""
-    problems, values = read(cfg, RUN_RULES, IF_PRESENT)
-    problems += cross_problems(cfg, values)
-    if problems:
-        raise SdbatchError("Invalid settings: " + "; ".join(problems) + ".")
+    raise_for(run_problems(cfg))
 
 
 def check_report(cfg) -> None:
     """Like check, for the report's settings (report.yaml)."""
-    problems, _ = read(cfg, REPORT_RULES, {})
+    raise_for(report_problems(cfg))
+
+
+def run_problems(cfg) -> list[str]:
+    """What check(cfg) would report, one phrase per problem."""
+    problems, values = read(cfg, RUN_RULES, IF_PRESENT)
+    return problems + cross_problems(cfg, values)
+
+
+def report_problems(cfg) -> list[str]:
+    return read(cfg, REPORT_RULES, {})[0]
+
+
+def raise_for(problems: list[str]) -> None:
     if problems:
         raise SdbatchError("Invalid settings: " + "; ".join(problems) + ".")
 

@@ -71,6 +71,9 @@ MISTAKES = {  # arguments -> words the one error line must hold
     "several at once": (["device=gpu", "steps=0", "dtype=fp8"], ["device=gpu", "steps=0", "dtype=fp8"]),
     "a bad value in a sweep": (["-m", "worker_index=0,1", "num_workers=2", "steps=20,2000"],
                                ["steps=2000", "at most 999"]),
+    "a key only one swept option has": (["-m", "attention=sdpa,xformers", "attention.kernel=flash"],
+                                        ["attention=xformers has no setting kernel; attention=sdpa has it"]),
+    "a swept Hydra setting": (["-m", "hydra.verbose=true,false"], ["hydra.verbose=true,false", "cannot be swept"]),
 }
 
 
@@ -114,19 +117,19 @@ def test_overrides_that_are_fine():
         "prompts=x", "model=sdxl", "model.path=/models/sdxl", "attention=sdpa", "attention.kernel=flash",
         "scheduler=euler", "+scheduler.options.use_karras_sigmas=true", "++steps=30", "device=cuda:1",
         "hydra.job.chdir=false", "hydra.verbose=true",
-    ], False, None, settings.check)
-    sdbatch_cli.preflight("config", ["prompts=x", "worker_index=0,1,2", "num_workers=3", "model=tiny,sd15"],
-                          True, None, settings.check)
+    ], False, None, settings.run_problems)
+    sdbatch_cli.preflight("config", ["prompts=x", "worker_index=0,1,2", "num_workers=3", "model=glob(*)"],
+                          True, None, settings.run_problems)
 
 
 def test_slurm_launcher_sweep_passes_the_preflight():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
     sdbatch_cli.preflight("config", ["hydra/launcher=slurm", "prompts=/shared/catalog.parquet", "output_dir=/shared/o",
                                      "num_workers=4", "worker_index=0,1,2,3", "hydra.launcher.partition=gpu"],
-                          True, None, settings.check)
+                          True, None, settings.run_problems)
     with pytest.raises(SdbatchError, match="hydra.launcher.partitionn=gpu.*did you mean hydra.launcher.partition"):
         sdbatch_cli.preflight("config", ["hydra/launcher=slurm", "prompts=x", "hydra.launcher.partitionn=gpu"],
-                              True, None, settings.check)
+                              True, None, settings.run_problems)
 
 
 def test_slurm_launcher_without_the_plugin(tmp_path, catalog, no_torch):
@@ -143,9 +146,9 @@ def test_config_dir_adds_options(tmp_path):
     (tmp_path / "conf" / "model").mkdir(parents=True)
     (tmp_path / "conf" / "model" / "mine.yaml").write_text(
         "name: mine\nfamily: sd\npath: /models/mine\nrandom_weights: false\nwidth: 512\nheight: 512\n")
-    sdbatch_cli.preflight("config", ["prompts=x", "model=mine"], False, str(tmp_path / "conf"), settings.check)
+    sdbatch_cli.preflight("config", ["prompts=x", "model=mine"], False, str(tmp_path / "conf"), settings.run_problems)
     with pytest.raises(SdbatchError, match="model=mine: model has no option mine"):
-        sdbatch_cli.preflight("config", ["prompts=x", "model=mine"], False, None, settings.check)
+        sdbatch_cli.preflight("config", ["prompts=x", "model=mine"], False, None, settings.run_problems)
 
 
 def test_multirun_sweep_renders_one_worker_per_value(tmp_path, catalog):

@@ -51,7 +51,8 @@ BAD = {  # override -> words of the problem
     "guidance_scale=high": "guidance_scale=high must be a finite number",
     "steps=0": "steps=0 must be at least 1",
     "steps=2.5": "steps=2.5 must be a whole number",
-    "steps=1000": "steps=1000 is more than scheduler=pndm can place on the model's 1000 training timesteps: at most 999",
+    "steps=1000": "steps=1000 is more than scheduler=pndm can place on the model's 1000 training timesteps: "
+                  "at most 999",
     "width=100": "width=100 must be a positive multiple of 8",
     "height=-8": "height=-8 must be a positive multiple of 8",
     "batch_size=0": "batch_size=0 must be at least 1",
@@ -165,7 +166,8 @@ def places(scheduler_cfg, class_name: str, steps: int) -> bool:
             noise = torch.Generator().manual_seed(1)
             for t in scheduler.timesteps:
                 scheduler.scale_model_input(latents, t)
-                latents = scheduler.step(torch.randn(1, 4, 2, 2, generator=noise) * 0.5, t, latents, return_dict=False)[0]
+                output = torch.randn(1, 4, 2, 2, generator=noise) * 0.5
+                latents = scheduler.step(output, t, latents, return_dict=False)[0]
         except (IndexError, ValueError):
             return False
     timesteps = scheduler.timesteps.numpy()
