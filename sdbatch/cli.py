@@ -217,9 +217,12 @@ def job_configs(hydra, config_name: str, overrides: list, multirun: bool):
     hydra_lines = [o.input_line for o in overrides if o.is_hydra_override()]
     task = [o for o in overrides if not o.is_hydra_override()]
     jobs = BasicSweeper.split_arguments(task, None)[0] if multirun else [[o.input_line for o in task]]
-    bases = {}
+    bases, parsed_lines = {}, {}
     for job in jobs:
-        parsed = parse(job, loader)
+        for line in job:
+            if line not in parsed_lines:  # a sweep of N values has N distinct lines, not N x jobs
+                parsed_lines[line] = parse([line], loader)[0]
+        parsed = [parsed_lines[line] for line in job]
         choices = tuple(o.input_line for o in parsed if is_group(o, known_groups))
         if choices not in bases:  # compose once per choice of groups; the values are set on a copy
             base = hydra.compose_config(config_name, hydra_lines + list(choices), run_mode=run_mode("RUN"),
