@@ -39,7 +39,7 @@ PROMPTS = [f"studio product photo of item {i}: a {c} {o} on a white background, 
 
 
 def config(overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "sdbatch" / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)
 
 

@@ -8,22 +8,28 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from sdbatch import EXIT_INTERRUPTED, SdbatchError
+from sdbatch import EXIT_INTERRUPTED, SdbatchError, cli, settings
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def run_job(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sdbatch %(levelname)s %(message)s", stream=sys.stderr)
     stop_before_rendering()
-    quiet_libraries()
-    from sdbatch.launch import launch  # imported late: torch and diffusers take seconds to import
     try:
+        settings.check(cfg)  # again here: a sweep job on a Slurm node composes its own config
+        quiet_libraries()
+        from sdbatch.launch import launch  # imported late: torch and diffusers take seconds to import
         code = launch(cfg)
     except SdbatchError as error:
         print(f"sdbatch: error: {error}", file=sys.stderr)
         code = 2
     if code:
         sys.exit(code)
+
+
+def main() -> None:
+    cli.start("config", settings.run_problems)  # --help, and every mistake in the command line, before Hydra and torch
+    run_job()
 
 
 def stop_before_rendering() -> None:

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 
-from sdbatch import SdbatchError
+from sdbatch import SdbatchError, cli, settings
 
 STAGE_COLUMNS = ["text_encode_s", "denoise_s", "vae_decode_s", "write_s"]
 REQUIRED_COLUMNS = [
@@ -563,14 +563,20 @@ def report_from_config(cfg) -> dict:
     return build_report(output_dir, merged=cfg.merged, thumb_size=cfg.thumb_size, max_thumbs=cfg.max_thumbs)
 
 
-@hydra.main(config_path="../conf", config_name="report", version_base="1.3")
-def main(cfg) -> None:
+@hydra.main(config_path="conf", config_name="report", version_base="1.3")
+def report_job(cfg) -> None:
     try:
+        settings.check_report(cfg)
         summary = report_from_config(cfg)
     except SdbatchError as err:
-        print(f"sdbatch.report: {err}", file=sys.stderr)
+        print(f"sdbatch: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(format_summary(summary))
+
+
+def main() -> None:
+    cli.start("report", settings.report_problems)  # --help, and every mistake in the command line, before Hydra
+    report_job()
 
 
 if __name__ == "__main__":

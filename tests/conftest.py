@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_DIR = REPO / "sdbatch" / "conf"
 TEST_OVERRIDES = ["model=tiny", "steps=2", "progress=false"]
 
 
@@ -57,11 +57,16 @@ def read_ledgers(output_dir) -> list[dict]:
 def cli(cwd, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m sdbatch ARGS` in cwd, offline, as a user runs it; returns the finished process (text output)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONIOENCODING": "utf-8",
-                "SDBATCH_CACHE": str(Path(cwd) / ".sdbatch-cache"), **(env or {})}
+                "SDBATCH_CACHE": str(Path(cwd) / ".sdbatch-cache"), "PYTHONPATH": with_repo(), **(env or {})}
     for name in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX", "SDBATCH_LOCAL_RANK", "SDBATCH_LOCAL_COUNT"):
         full_env.pop(name, None)  # a test run inside a Slurm job must still be one worker
     return subprocess.run([sys.executable, "-m", "sdbatch", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, encoding="utf-8", timeout=timeout)
+
+
+def with_repo() -> str:
+    """PYTHONPATH with this checkout first: a command run in a test's folder imports the sdbatch under test."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(name="write_manifest")

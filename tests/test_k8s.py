@@ -63,7 +63,7 @@ def test_volume_holds_manifest_and_output():
 def compose_command(command):
     assert command[:3] == ["python", "-m", "sdbatch"]
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(REPO / "sdbatch" / "conf"), version_base=None):
         return compose("config", overrides=command[3:])
 
 

@@ -1,5 +1,6 @@
 """The HTML report, from ledgers and PNGs made here (and, when the renderer is present, from a tiny-model run)."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from sdbatch.ledger import CORE_SCHEMA
 from sdbatch.report import build_report
 
 REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 SCRIPT_PROMPT = 'a cat <script>alert("x")</script> & "friends"'
 RTL_PROMPT = "שלום עולם — café ☕ مرحبا"
@@ -76,8 +78,9 @@ def run_dir(tmp_path):
     return write_run(tmp_path / "out", sample_rows())
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sdbatch.report", *args], cwd=REPO,
+def run_cli(cwd: Path, *args):
+    """`python -m sdbatch.report ARGS` in cwd (a test's own folder: never the user's working tree)."""
+    return subprocess.run([sys.executable, "-m", "sdbatch.report", *args], cwd=cwd, env=ENV,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -169,8 +172,8 @@ def test_shards_with_differing_passthrough_types_merge(tmp_path):
     assert pq.read_table(out / "report" / "merged.parquet")["category"].to_pylist() == [None, "animals"]
 
 
-def test_cli_prints_summary(run_dir):
-    result = run_cli(f"output_dir={run_dir}", "merged=true", "thumb_size=64")
+def test_cli_prints_summary(run_dir, tmp_path):
+    result = run_cli(tmp_path, f"output_dir={run_dir}", "merged=true", "thumb_size=64")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "10 images: 7 ok, 1 skipped, 2 failed, 1 with truncated prompts" in out
@@ -179,7 +182,7 @@ def test_cli_prints_summary(run_dir):
     assert "worker 0 · cpu: 5 images" in out and "worker 1 · cuda:0 (NVIDIA H200): 2 images" in out
     assert f"report: {run_dir / 'report' / 'index.html'}" in out
     assert (run_dir / "report" / "merged.parquet").is_file()
-    assert not (REPO / ".hydra").exists() and not (REPO / "outputs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .hydra/ or outputs/ beside it
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -193,14 +196,14 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path, setup, message):
         (out / "ledger").mkdir(parents=True)
     if setup == "garbage":
         (out / "ledger" / "shard-00000.parquet").write_text("garbage")
-    result = run_cli(f"output_dir={out}")
+    result = run_cli(tmp_path, f"output_dir={out}")
     assert result.returncode == 2
     assert message in result.stderr.lower()
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 def test_cli_without_output_dir(tmp_path):
-    result = run_cli()
+    result = run_cli(tmp_path)
     assert result.returncode == 2
     assert "output_dir=DIR" in result.stderr and "Traceback" not in result.stderr
 
@@ -241,9 +244,9 @@ def test_report_from_a_tiny_model_run(tmp_path):
     out = tmp_path / "out"
     render = subprocess.run([sys.executable, "-m", "sdbatch", f"prompts={prompts}", f"output_dir={out}",
                              "model=tiny", "steps=2", "progress=false"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert render.returncode == 0, render.stderr
-    result = run_cli(f"output_dir={out}", "merged=true")
+    result = run_cli(tmp_path, f"output_dir={out}", "merged=true")
     assert result.returncode == 0, result.stderr
     assert "3 images: 3 ok, 0 skipped, 0 failed" in result.stdout
     page = (out / "report" / "index.html").read_text(encoding="utf-8")

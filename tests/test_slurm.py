@@ -139,8 +139,9 @@ def test_hydra_submitit_sweep_is_one_worker_per_job(tmp_path):
 
 
 def test_slurm_launcher_config_composes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra")
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(REPO / "sdbatch" / "conf"), version_base=None):
         cfg = compose("config", overrides=["hydra/launcher=slurm", "prompts=x", f"output_dir={tmp_path}"],
                       return_hydra_config=True)
     launcher = cfg.hydra.launcher
