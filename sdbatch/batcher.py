@@ -10,7 +10,6 @@ from collections import Counter, deque
 from sdbatch import SdbatchError
 from sdbatch.lease import Busy
 from sdbatch.manifest import ImageJob
-from sdbatch.render import batch_key
 from sdbatch.shard import Context, Shard, complete
 from sdbatch.workers import shards_for, steal_order
 from sdbatch.writer import describe_os_error
@@ -132,8 +131,9 @@ class ShardQueue:
 class Batcher:
     """Jobs of every open shard, grouped by what lets them share a batch; shards committed once written."""
 
-    def __init__(self, ctx: Context, queue: ShardQueue, batch_size: int, max_open: int, on_open=None):
+    def __init__(self, ctx: Context, queue: ShardQueue, batch_size: int, max_open: int, batch_key, on_open=None):
         self.ctx, self.queue, self.batch_size, self.max_open = ctx, queue, batch_size, max_open
+        self.batch_key = batch_key  # jobs with equal keys can share one static-shape batch
         self.on_open = on_open or (lambda shard: None)
         self.open: dict[int, Shard] = {}
         self.groups: dict[tuple, deque] = {}
@@ -161,7 +161,7 @@ class Batcher:
         shard.in_flight = len(shard.todo)
         self.on_open(shard)
         for job in shard.todo:
-            self.groups.setdefault(batch_key(job), deque()).append((self.batches, job))
+            self.groups.setdefault(self.batch_key(job), deque()).append((self.batches, job))
         self.unbatched[shard.number] = len(shard.todo)
         if not shard.todo:
             self.commit_ready()

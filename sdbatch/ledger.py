@@ -110,14 +110,15 @@ def open_folder(output_dir: Path, settings: dict, num_shards: int, overwrite: bo
                 check_only: bool = False) -> int:
     """Fix or check the folder's run-level settings; returns its shard count (fixed at the first run).
 
-    Settings that the first sdbatch did not record compare as their value then (`extras` as {})."""
+    A setting the folder has no record of (an older sdbatch did not have it) compares as what that sdbatch did:
+    `extras` as {}, and anything else as accepted (and recorded from now on)."""
     path = Path(output_dir) / SETTINGS_FILE
     if not path.exists():
         if not check_only:
             _write(path, {"num_shards": num_shards, "shard_size": shard_size, "settings": settings})
         return num_shards
     saved = _read(path)
-    before = {"extras": {}, **saved["settings"]}
+    before = {**settings, "extras": {}, **saved["settings"]}
     changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
     if changed and not overwrite:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
@@ -125,12 +126,20 @@ def open_folder(output_dir: Path, settings: dict, num_shards: int, overwrite: bo
             f"{output_dir} was rendered with other run-level settings ({listed}). That change would re-render "
             f"every image that uses them. Pass overwrite=true to do that, or put the setting back "
             f"(or use a new output_dir).")
-    if saved.get("shard_size", shard_size) != shard_size and not check_only:
+    if check_only:
+        return saved["num_shards"]
+    if saved.get("shard_size", shard_size) != shard_size:
         log.warning("shard_size=%d is ignored: %s keeps the %d shards fixed at its first run (shard_size=%s)",
                     shard_size, output_dir, saved["num_shards"], saved.get("shard_size", "?"))
-    if changed and not check_only:
+    if settings != saved["settings"]:
         _write(path, {**saved, "settings": settings})
     return saved["num_shards"]
+
+
+def saved_settings(output_dir: Path) -> dict:
+    """The run-level settings the folder records (empty for a new folder)."""
+    path = Path(output_dir) / SETTINGS_FILE
+    return _read(path)["settings"] if path.exists() else {}
 
 
 def folder_shards(output_dir: Path) -> int | None:

@@ -85,11 +85,14 @@ class Renderer:
         return (*batch_key(job), self.text_chunks(job))
 
     def text_chunks(self, job: ImageJob) -> int:
-        """77-token windows of the job's conditioning: its prompt's, or its negative prompt's when that is longer
+        return self.windows(job.prompt, job.negative_prompt, job.guidance_scale)
+
+    def windows(self, prompt: str, negative_prompt: str, guidance_scale: float) -> int:
+        """77-token windows of an image's conditioning: its prompt's, or its negative prompt's when that is longer
         (and guidance uses it), at most max_prompt_chunks."""
-        chunks = self.model.prompt_chunks(job.prompt)
-        if job.guidance_scale > 1:
-            chunks = max(chunks, self.model.prompt_chunks(job.negative_prompt))
+        chunks = self.model.prompt_chunks(prompt)
+        if guidance_scale > 1:
+            chunks = max(chunks, self.model.prompt_chunks(negative_prompt))
         return min(chunks, self.max_prompt_chunks)
 
     def text_conditioning(self, jobs: list[ImageJob]) -> tuple[Conditioning, Conditioning | None]:

@@ -15,10 +15,10 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from sdbatch import EXIT_INTERRUPTED, SdbatchError, attention
+from sdbatch import EXIT_INTERRUPTED, SdbatchError, attention, settings
 from sdbatch.batcher import Batcher, ShardQueue
 from sdbatch.lease import Heartbeat, Holder, remove_tree
-from sdbatch.ledger import ROW_INDEX, folder_shards, key_extras, open_folder
+from sdbatch.ledger import ROW_INDEX, folder_shards, key_extras, open_folder, saved_settings
 from sdbatch.manifest import Defaults, ImageJob, Manifest
 from sdbatch.models import load_model, model_revision
 from sdbatch.plan import num_shards_for, open_plan
@@ -40,8 +40,8 @@ def run(cfg) -> int:
         raise SdbatchError("No manifest given: pass prompts=PATH to a Parquet file with a 'prompt' column.")
     worker = local_worker(resolve_worker(cfg.worker_index, cfg.num_workers, os.environ),
                           int(os.environ.get("SDBATCH_LOCAL_RANK", 0)), int(os.environ.get("SDBATCH_LOCAL_COUNT", 1)))
+    settings.check(cfg)
     device, dtype = resolve_device(cfg.device, cfg.dtype)
-    check_run_settings(cfg, cfg.width or cfg.model.width, cfg.height or cfg.model.height)
     output_dir = Path(cfg.output_dir)
     fresh = not output_dir.exists()
     heartbeat = Heartbeat(cfg.lease_s)
@@ -69,20 +69,20 @@ def _run(cfg, worker, device, dtype, output_dir: Path, heartbeat: Heartbeat, sta
         "float32", "fp32")
     options = cfg.scheduler.get("options")
     extras = key_extras(dtype_name, cfg.scheduler.name, OmegaConf.to_container(options) if options is not None else {})
-    settings = {"model": model_revision(cfg.model), "scheduler": cfg.scheduler.name, "steps": cfg.steps,
-                "width": width, "height": height, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
-                "negative_prompt": cfg.negative_prompt, "extras": extras}
+    run_level = {**model_identity(cfg.model, output_dir), "scheduler": cfg.scheduler.name, "steps": cfg.steps,
+                 "width": width, "height": height, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
+                 "negative_prompt": cfg.negative_prompt, "extras": extras}
     num_shards = folder_shards(output_dir) or num_shards_for(manifest.num_rows, cfg.shard_size)
-    open_folder(output_dir, settings, num_shards, cfg.overwrite, cfg.shard_size, check_only=True)
+    open_folder(output_dir, run_level, num_shards, cfg.overwrite, cfg.shard_size, check_only=True)
     holder = Holder.this_process(f"worker {worker.index} of {worker.count}")
-    plan = open_plan(manifest, output_dir, num_shards, settings, holder, cfg.lease_s, heartbeat)
+    plan = open_plan(manifest, output_dir, num_shards, run_level, holder, cfg.lease_s, heartbeat)
     problems = plan.problems
     if problems.count and cfg.on_invalid == "error":
         raise SdbatchError(problems.message(cfg.prompts))
     defaults = Defaults(steps=cfg.steps, guidance_scale=cfg.guidance_scale, width=width, height=height,
                         seed=cfg.seed, negative_prompt=cfg.negative_prompt)
-    ctx = Context(cfg, output_dir, worker, holder, heartbeat, plan, defaults, cfg.scheduler.name, settings["model"],
-                  extras)
+    ctx = Context(cfg, output_dir, worker, holder, heartbeat, plan, defaults, cfg.scheduler.name,
+                  run_level["model"], extras)
     queue = ShardQueue(ctx, cfg.steal)
     if queue.nothing_to_do():  # a rerun with nothing left: no model to load
         job = Job(ctx, queue, None, None, {})
@@ -91,13 +91,15 @@ def _run(cfg, worker, device, dtype, output_dir: Path, heartbeat: Heartbeat, sta
     model = load_model(cfg.model).to(device, dtype)
     choice = attention.choose(cfg.attention, model, device, dtype, cfg.batch_size, width, height)
     attention.apply(model, choice)
-    open_folder(output_dir, settings, num_shards, cfg.overwrite, cfg.shard_size)
+    open_folder(output_dir, run_level, num_shards, cfg.overwrite, cfg.shard_size)
     speed_up(model, cfg, output_dir)
     ctx.ledger_fields = {"attention_backend": choice.label, "attention_detail": choice.detail, "model": model.name,
                          "scheduler": cfg.scheduler.name, "worker_index": worker.index, "num_workers": worker.count,
                          "device": device_label(device)}
-    job = Job(ctx, queue, Renderer(model, cfg.scheduler, pad_to=cfg.batch_size if cfg.compile else None),
-              ImageWriter(cfg.write_threads), provenance_base(cfg, model, choice))
+    renderer = Renderer(model, cfg.scheduler, pad_to=cfg.batch_size if cfg.compile else None,
+                        max_prompt_chunks=cfg.max_prompt_chunks)
+    ctx.text_windows = renderer.windows
+    job = Job(ctx, queue, renderer, ImageWriter(cfg.write_threads), provenance_base(cfg, model, choice))
     log.info("worker %d of %d (%s) on %s, attention %s: %d of %d shards are its own%s", worker.index, worker.count,
              worker.source, ctx.ledger_fields["device"], choice.label, len(queue.own), plan.num_shards,
              "; then it helps with the others" if cfg.steal else "")
@@ -114,7 +116,8 @@ class Job:
     def __init__(self, ctx: Context, queue: ShardQueue, renderer: Renderer | None, writer: ImageWriter | None,
                  provenance: dict):
         self.ctx, self.queue, self.renderer, self.writer, self.provenance = ctx, queue, renderer, writer, provenance
-        self.batcher = Batcher(ctx, self.queue, ctx.cfg.batch_size, MAX_OPEN_SHARDS, on_open=self._opened)
+        self.batcher = Batcher(ctx, queue, ctx.cfg.batch_size, MAX_OPEN_SHARDS,
+                               renderer.batch_key if renderer else None, on_open=self._opened)
         self.stop = threading.Event()
         self.stop_code = EXIT_INTERRUPTED
         self.futures: set[Future] = set()
@@ -242,13 +245,18 @@ class Job:
             os._exit(self.stop_code)
 
 
-def check_run_settings(cfg, width: int, height: int) -> None:
-    problems = [f"{name}={value} must be a positive multiple of 8" for name, value in (("width", width), ("height", height))
-                if not isinstance(value, int) or value <= 0 or value % 8]
-    problems += [f"{name}={cfg[name]} must be at least 1" for name in ("steps", "batch_size", "shard_size", "write_threads")
-                 if not isinstance(cfg[name], int) or cfg[name] < 1]
-    if problems:
-        raise SdbatchError("Invalid run settings: " + "; ".join(problems) + ".")
+def model_identity(model_cfg, output_dir: Path) -> dict:
+    """The model in content keys: its weights' revision (where they are plus a fingerprint of their content). A
+    folder the first sdbatch made identified weights by the path given; there that path stays the identity, so
+    its images stay valid, and the fingerprint recorded beside it catches new weights from now on."""
+    revision = model_revision(model_cfg)
+    saved = saved_settings(output_dir)
+    legacy = saved.get("model")
+    if (isinstance(legacy, str) and not legacy.startswith("random:") and " sha256:" not in legacy
+            and os.path.realpath(legacy) == revision.split(" sha256:")[0]
+            and saved.get("weights", revision) == revision):
+        return {"model": legacy, "weights": revision}
+    return {"model": revision}
 
 
 def attention_options(cfg) -> dict:

@@ -42,6 +42,7 @@ class Context:
     model: str  # the model identity in content keys
     key_extras: dict  # settings beyond the first sdbatch's, in content keys
     ledger_fields: dict = field(default_factory=dict)  # attention, device, ... (same for every image)
+    text_windows: object = lambda prompt, negative_prompt, guidance_scale: 1  # the renderer's, once there is one
     counts: Counter = field(default_factory=Counter)
     skipped_names: list = field(default_factory=list)  # the first few skipped rows, for the summary
     commit_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -81,7 +82,7 @@ class Shard:
         remove_temp_files(self.ledger_file.parent, self.ledger_file.name)
         self.rows = ctx.plan.rows(self.number)
         images = expand(self.rows, ctx.defaults)
-        keys = [content_key(*fields, ctx.scheduler, ctx.model, ctx.key_extras) for fields in zip(*(
+        keys = [content_key(*fields, ctx.scheduler, ctx.model, self._extras(*fields)) for fields in zip(*(
             images.column(c).to_pylist() for c in ("prompt", "negative_prompt", "seed", "width", "height", "steps",
                                                     "guidance_scale")))]
         names = [image_name(i, k) for i, k in zip(images.column("id").to_pylist(),
@@ -94,6 +95,12 @@ class Shard:
         self.todo = self._adopt(todo, on_disk)
         self.skipped = self._skipped_rows()
         self.orphans = self._orphans(set(names), on_disk) if ctx.cfg.prune else []
+
+    def _extras(self, prompt, negative_prompt, seed, width, height, steps, guidance_scale) -> dict:
+        """The run's key extras, plus the text windows of a prompt longer than one (one was all the first sdbatch
+        encoded)."""
+        windows = self.ctx.text_windows(prompt, negative_prompt, guidance_scale)
+        return {**self.ctx.key_extras, "text_windows": windows} if windows > 1 else self.ctx.key_extras
 
     def _files_on_disk(self) -> set[str]:
         try:
