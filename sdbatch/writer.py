@@ -37,8 +37,7 @@ JPEG_XMP = b"http://ns.adobe.com/xap/1.0/\x00"
 JPEG_EXTENDED_XMP = b"http://ns.adobe.com/xmp/extension/\x00"
 JPEG_SEGMENT = 65533  # the most bytes a JPEG APP segment holds after its 2-byte length
 EXTENDED_CHUNK = JPEG_SEGMENT - len(JPEG_EXTENDED_XMP) - 32 - 8  # after the GUID, full length and offset
-# Line ends for str.splitlines(), so for any reader of the A1111 text, not only A1111's split("\n").
-_NEGATIVE_LINE = re.compile(r"(?<=[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029])(\s*)Negative prompt:")
+_NEGATIVE_LINE = re.compile(r"(?<=\n)(\s*)Negative prompt:")  # a line A1111's parser would take for the negative
 
 
 def image_name(row_id: str, image_index: int, suffix: str = ".png") -> str:
@@ -99,9 +98,10 @@ def provenance_xmp(provenance: dict) -> bytes:
 
 
 def _xmp_packet(element: str) -> bytes:
-    return ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
+            '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
             f'<rdf:Description rdf:about="" xmlns:sdbatch="{XMP_NS}" xmlns:xmpNote="{XMP_NOTE_NS}">{element}'
-            "</rdf:Description></rdf:RDF></x:xmpmeta>").encode("utf-8")
+            '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode("utf-8")
 
 
 def jpeg_xmp_segments(packet: bytes) -> bytes:
