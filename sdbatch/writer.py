@@ -68,7 +68,7 @@ def _no_negative_lines(text: str) -> str:
 
 
 def _a1111_value(value: str) -> str:
-    """A value of the settings line, quoted where A1111's own quote() does (a comma or newline would split it)."""
+    """A value of the settings line, quoted as A1111's own quote() does (a comma or newline would split the line)."""
     text = str(value)
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",\n:") else text
 
@@ -83,7 +83,7 @@ def encode_png(pixels: np.ndarray, parameters: str, provenance: dict) -> bytes:
 
 
 def exif_user_comment(text: str) -> bytes:
-    """A big-endian EXIF block holding only the Exif IFD's UserComment, the way piexif.dump writes it for A1111."""
+    """A big-endian EXIF block holding only the Exif IFD's UserComment: the tag, type and byte order A1111 writes."""
     comment = UNICODE_CODE + text.encode("utf-16-be")
     ifd0 = struct.pack(">HHHIII", 1, EXIF_IFD, 4, 1, 26, 0)  # one entry: where the Exif IFD starts; no next IFD
     exif_ifd = struct.pack(">HHHIII", 1, USER_COMMENT, 7, len(comment), 44, 0)  # 7: UNDEFINED bytes, at 44

@@ -197,7 +197,8 @@ TRICKY = {  # prompt, negative prompt -> what A1111's parser gets back
                                      ("a cat\nnegative prompt: not really\nsofa", "")),
     "prompt opens with label": (("Negative prompt: a cat", "dog"), ("negative prompt: a cat", "dog")),
     "indented label": (("a cat\n  Negative prompt: x", "dog"), ("a cat\nnegative prompt: x", "dog")),
-    "negative line opens with label": (("a cat", "dog\nNegative prompt: wolf"), ("a cat", "dog\nnegative prompt: wolf")),
+    "negative line opens with label": (("a cat", "dog\nNegative prompt: wolf"),
+                                       ("a cat", "dog\nnegative prompt: wolf")),
     # A1111 strips every line, so whitespace at line ends (Windows line ends included) cannot come back
     "whitespace at line ends": (("  a cat \r\n on a sofa\t", " dog "), ("a cat\non a sofa", "dog")),
 }
