@@ -34,12 +34,14 @@ DEFAULT_SPACING = {"PNDMScheduler": "leading", "DPMSolverMultistepScheduler": "l
 
 
 # ---------------------------------------------------------------- rules: value -> what is wrong, or None
-def whole(low: int | None = None):
+def whole(low: int | None = None, high: int | None = None):
     def rule(value):
         if not is_int(value):
             return "must be a whole number" + (f" of at least {low}" if low is not None else "")
         if low is not None and value < low:
             return f"must be at least {low}"
+        if high is not None and value > high:
+            return f"must be at most {high}"
     return rule
 
 
@@ -141,6 +143,9 @@ RUN_RULES = {
     "fuse_qkv": boolean,
     "channels_last": boolean,
     "write_threads": whole(1),
+    "image_format": choice("png", "webp", "jpeg"),
+    "image_quality": whole(1, 100),
+    "image_lossless": boolean,
     "stop_timeout_s": seconds,
     "lease_s": seconds,
     "steal": boolean,
