@@ -47,10 +47,12 @@ FIRST_SCHEDULER_OPTIONS = {  # what the first sdbatch shipped for each scheduler
 }
 
 
-def key_extras(dtype: str, scheduler: str, scheduler_options: dict) -> dict:
+def key_extras(dtype: str, scheduler: str, scheduler_options: dict, image_format: dict) -> dict:
     """The pixel-deciding settings the first sdbatch's content keys left out, where they differ from its values
-    (it rendered in fp16 on GPUs, with the scheduler options it shipped)."""
+    (it rendered in fp16 on GPUs, with the scheduler options it shipped, into PNG files)."""
     extras = {}
+    if image_format["name"] != "png":
+        extras["image_format"] = image_format
     if dtype != "fp16":
         extras["dtype"] = dtype
     if scheduler_options != FIRST_SCHEDULER_OPTIONS.get(scheduler):
@@ -121,7 +123,7 @@ def open_folder(output_dir: Path, settings: dict, num_shards: int, overwrite: bo
     before = {**settings, "extras": {}, **saved["settings"]}
     changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
     if changed and not overwrite:
-        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        listed = "; ".join(_differences(changed))
         raise SdbatchError(
             f"{output_dir} was rendered with other run-level settings ({listed}). That change would re-render "
             f"every image that uses them. Pass overwrite=true to do that, or put the setting back "
@@ -134,6 +136,28 @@ def open_folder(output_dir: Path, settings: dict, num_shards: int, overwrite: bo
     if settings != saved["settings"]:
         _write(path, {**saved, "settings": settings})
     return saved["num_shards"]
+
+
+def _differences(changed: dict) -> list[str]:
+    """'steps: 2 -> 3', with the extras (a dict of settings) listed setting by setting."""
+    lines = []
+    for key, (old, new) in changed.items():
+        if key == "extras":
+            for name in sorted(set(old or {}) | set(new or {})):
+                if (old or {}).get(name) != (new or {}).get(name):
+                    lines.append(f"{name}: {_show((old or {}).get(name))} -> {_show((new or {}).get(name))}")
+        else:
+            lines.append(f"{key}: {old!r} -> {new!r}")
+    return lines
+
+
+def _show(value) -> str:
+    """An extras value as it reads in a message: the default of the first sdbatch when it is absent."""
+    if value is None:
+        return "(default)"
+    if isinstance(value, dict) and "name" in value:
+        return repr(value["name"]) + "".join(f", {k} {v!r}" for k, v in value.items() if k != "name")
+    return repr(value)
 
 
 def saved_settings(output_dir: Path) -> dict:

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import asdict
 from concurrent.futures import Future, wait
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +26,7 @@ from sdbatch.plan import num_shards_for, open_plan
 from sdbatch.render import BatchResult, Renderer
 from sdbatch.shard import Context, Shard
 from sdbatch.workers import local_worker, resolve_worker
-from sdbatch.writer import ImageWriter, a1111_parameters, image_name
+from sdbatch.writer import ImageFormat, ImageWriter, a1111_parameters, image_name
 
 log = logging.getLogger("sdbatch")
 EXIT_CTRL_C = 130  # the shell's code for SIGINT: stopped by the user, what was finished is recorded
@@ -68,7 +69,9 @@ def _run(cfg, worker, device, dtype, output_dir: Path, heartbeat: Heartbeat, sta
     dtype_name = str(dtype).removeprefix("torch.").replace("float16", "fp16").replace("bfloat16", "bf16").replace(
         "float32", "fp32")
     options = cfg.scheduler.get("options")
-    extras = key_extras(dtype_name, cfg.scheduler.name, OmegaConf.to_container(options) if options is not None else {})
+    image_format = ImageFormat.from_config(cfg)
+    extras = key_extras(dtype_name, cfg.scheduler.name, OmegaConf.to_container(options) if options is not None else {},
+                        asdict(image_format))
     run_level = {**model_identity(cfg.model, output_dir), "scheduler": cfg.scheduler.name, "steps": cfg.steps,
                  "width": width, "height": height, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
                  "negative_prompt": cfg.negative_prompt, "extras": extras}
@@ -82,7 +85,7 @@ def _run(cfg, worker, device, dtype, output_dir: Path, heartbeat: Heartbeat, sta
     defaults = Defaults(steps=cfg.steps, guidance_scale=cfg.guidance_scale, width=width, height=height,
                         seed=cfg.seed, negative_prompt=cfg.negative_prompt)
     ctx = Context(cfg, output_dir, worker, holder, heartbeat, plan, defaults, cfg.scheduler.name,
-                  run_level["model"], extras)
+                  run_level["model"], extras, image_format.suffix)
     queue = ShardQueue(ctx, cfg.steal)
     if queue.nothing_to_do():  # a rerun with nothing left: no model to load
         job = Job(ctx, queue, None, None, {})
@@ -99,7 +102,7 @@ def _run(cfg, worker, device, dtype, output_dir: Path, heartbeat: Heartbeat, sta
     renderer = Renderer(model, cfg.scheduler, pad_to=cfg.batch_size if cfg.compile else None,
                         max_prompt_chunks=cfg.max_prompt_chunks)
     ctx.text_windows = renderer.windows
-    job = Job(ctx, queue, renderer, ImageWriter(cfg.write_threads), provenance_base(cfg, model, choice))
+    job = Job(ctx, queue, renderer, ImageWriter(cfg.write_threads, image_format), provenance_base(cfg, model, choice))
     log.info("worker %d of %d (%s) on %s, attention %s: %d of %d shards are its own%s", worker.index, worker.count,
              worker.source, ctx.ledger_fields["device"], choice.label, len(queue.own), plan.num_shards,
              "; then it helps with the others" if cfg.steal else "")
@@ -189,7 +192,7 @@ class Job:
                 shard.record(row)
                 self.bar.update(1)
                 continue
-            path = shard.image_dir / image_name(job.id, job.image_index)
+            path = shard.image_dir / image_name(job.id, job.image_index, self.ctx.suffix)
             parameters = a1111_parameters(job.prompt, job.negative_prompt, job.steps, self.ctx.cfg.scheduler.sampler,
                                           job.guidance_scale, job.seed, job.width, job.height, self.renderer.model.name)
             provenance = {**self.provenance, "manifest_row": manifest_row(job), "content_key": job.content_key,
@@ -224,7 +227,7 @@ class Job:
             **self.ctx.ledger_fields, "id": job.id, "image_index": job.image_index, "seed": job.seed,
             "prompt": job.prompt, "negative_prompt": job.negative_prompt, "width": job.width, "height": job.height,
             "steps": job.steps, "guidance_scale": float(job.guidance_scale), "content_key": job.content_key,
-            "image_path": f"images/{job.shard:05d}/{image_name(job.id, job.image_index)}",
+            "image_path": f"images/{job.shard:05d}/{image_name(job.id, job.image_index, self.ctx.suffix)}",
             "status": "failed" if failure else "ok", "reason": failure, "truncated": truncated, "shard": job.shard,
             "batch_size": batch_size, "finished_at": datetime.now(timezone.utc), "write_s": None,
             **{stage: share.get(stage) for stage in STAGES[:-1]}, ROW_INDEX: job.row,

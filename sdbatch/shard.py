@@ -41,6 +41,7 @@ class Context:
     scheduler: str
     model: str  # the model identity in content keys
     key_extras: dict  # settings beyond the first sdbatch's, in content keys
+    suffix: str  # the image files' extension
     ledger_fields: dict = field(default_factory=dict)  # attention, device, ... (same for every image)
     text_windows: object = lambda prompt, negative_prompt, guidance_scale: 1  # the renderer's, once there is one
     counts: Counter = field(default_factory=Counter)
@@ -85,7 +86,7 @@ class Shard:
         keys = [content_key(*fields, ctx.scheduler, ctx.model, self._extras(*fields)) for fields in zip(*(
             images.column(c).to_pylist() for c in ("prompt", "negative_prompt", "seed", "width", "height", "steps",
                                                     "guidance_scale")))]
-        names = [image_name(i, k) for i, k in zip(images.column("id").to_pylist(),
+        names = [image_name(i, k, ctx.suffix) for i, k in zip(images.column("id").to_pylist(),
                                                  images.column("image_index").to_pylist())]
         images = images.append_column("content_key", pa.array(keys, pa.string()))
         images = images.append_column("name", pa.array(names, pa.string()))
