@@ -217,12 +217,20 @@ class Batcher:
         self.open.pop(shard.number, None)
 
     def _fail(self, shard: Shard) -> None:
+        """A write failed: record what every open shard has written, let them all go, and stop the run."""
         error = shard.write_error
         for other in list(self.open.values()):
             if not other.lost and other.written:
                 self._commit(other, final=False)
+        self.abandon()
         raise SdbatchError(f"Writing an image under {shard.image_dir} failed: {describe_os_error(error)}. The "
                            f"images already written are recorded in {shard.ledger_file}; fix the disk and rerun.")
+
+    def abandon(self) -> None:
+        """Let every open shard go without recording anything more (the next holder adopts what was written)."""
+        for shard in list(self.open.values()):
+            shard.release()
+            self.open.pop(shard.number, None)
 
     def _drop_lost(self) -> None:
         for shard in list(self.open.values()):

@@ -107,7 +107,11 @@ def _run(cfg, worker, device, dtype, output_dir: Path, heartbeat: Heartbeat, sta
              worker.source, ctx.ledger_fields["device"], choice.label, len(queue.own), plan.num_shards,
              "; then it helps with the others" if cfg.steal else "")
     with stop_on_signals(job):
-        job.render_all()
+        try:
+            job.render_all()
+        except BaseException:
+            job.batcher.abandon()  # whatever went wrong, no lease stays held until it expires
+            raise
     job.finish()
     print_summary(job, time.perf_counter() - start)
     return job.exit_code

@@ -114,7 +114,7 @@ class Shard:
         images = images.append_column("i", pa.array(np.arange(images.num_rows)))
         old = self.old
         if old is None or old.num_rows == 0:
-            self._count_removed(0)
+            self.removed = 0
             return as_core(_empty_ledger(), pa.array([], pa.int64())), images.append_column(
                 "category", pa.array(["new"] * images.num_rows, pa.string()))
         old_keys = pa.table({"id": old.column("id"), "image_index": old.column("image_index"),
@@ -134,11 +134,8 @@ class Shard:
             "changed"))
         matched = set(joined.column("old_i").drop_null().to_pylist())
         statuses = old.column("status").to_pylist()
-        self._count_removed(sum(1 for i, s in enumerate(statuses) if i not in matched and s != "skipped"))
+        self.removed = sum(1 for i, s in enumerate(statuses) if i not in matched and s != "skipped")
         return kept_core, todo.append_column("category", category)
-
-    def _count_removed(self, removed: int) -> None:
-        self.removed = removed
 
     def _adopt(self, todo: pa.Table, on_disk: set[str]) -> list[ImageJob]:
         """Images a killed run wrote but never recorded are kept if they are what their row would render now."""

@@ -266,5 +266,4 @@ def test_missing_weights_say_what_to_pass(tmp_path):
     write_manifest(tmp_path / "catalog.parquet", {"prompt": ["a cat"]})
     result = cli(tmp_path, "prompts=catalog.parquet", "output_dir=out", "model=sd15", "model.path=/nonexistent")
     message = assert_user_error(result, "/nonexistent", "model.path=", "model=tiny")
-    assert message.count(". ") == 0  # one sentence
     assert not (tmp_path / "out").exists()

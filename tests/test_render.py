@@ -103,10 +103,10 @@ def test_pixels_do_not_depend_on_batch_shard_or_worker_count(tmp_path):
     assert_same_images(reference, rendered(render("shard1", "shard_size=1", "batch_size=4")))
     assert_same_images(reference, rendered(render("shard100", "shard_size=100", "batch_size=3")))
 
-    workers = render("workers", "shard_size=2", "worker_index=0", "num_workers=2")
+    workers = render("workers", "shard_size=2", "worker_index=0", "num_workers=2", "steal=false")
     first_half = read_ledgers(workers)
     assert first_half and {r["worker_index"] for r in first_half} == {0}
-    render("workers", "shard_size=2", "worker_index=1", "num_workers=2")
+    render("workers", "shard_size=2", "worker_index=1", "num_workers=2", "steal=false")
     rows = read_ledgers(workers)
     assert {r["worker_index"] for r in rows} == {0, 1} and {r["num_workers"] for r in rows} == {2}
     assert len(first_half) < len(rows)

@@ -74,7 +74,8 @@ def check_output(out: Path, ids: list[str], num_workers: int) -> list[dict]:
         with Image.open(out / row["image_path"]) as image:
             image.load()
     assert {row["num_workers"] for row in rows} == {num_workers}
-    assert {row["worker_index"] for row in rows} == set(range(num_workers))
+    # which worker rendered what is up to work stealing: a task that starts late finds its shards done
+    assert {row["worker_index"] for row in rows} <= set(range(num_workers))
     files = [p for p in (out / "images").rglob("*") if p.is_file()]
     assert not [p for p in files if p.name.startswith(".")], "temporary files left behind"
     assert sorted(p.relative_to(out).as_posix() for p in files) == sorted(row["image_path"] for row in rows)
