@@ -121,8 +121,9 @@ class Problems:
 class Manifest:
     """One Parquet file, a folder of part files (Spark/Hive style, partition columns carried through) or a glob."""
 
-    def __init__(self, path):
+    def __init__(self, path, max_steps: int | None = None, min_size: int = 8):
         self.path = str(path)
+        self.max_steps, self.min_size = max_steps, min_size  # what the scheduler and the model can render
         self.dataset = _open_dataset(self.path)
         self.files = list(self.dataset.files)
         self.num_rows = sum(_footer(file).num_rows for file in self.files)
@@ -177,6 +178,7 @@ class Manifest:
         columns["negative_prompt"] = _text_or_null(table, "negative_prompt", bad)
         for name in WHOLE_NUMBER_COLUMNS:
             columns[name] = _whole_numbers(table, name, bad)
+        self._within_limits(columns, bad)
         columns["guidance_scale"] = _guidance(table, bad)
         _check_seeds(columns["seed"], columns["num_images"], table, bad)
         columns["reason"] = bad.reasons()
@@ -184,6 +186,16 @@ class Manifest:
         for original, renamed in self.passthrough.items():
             normal = normal.append_column(renamed, table.column(original).combine_chunks())
         return normal
+
+
+    def _within_limits(self, columns: dict, bad: "_BadRows") -> None:
+        """Sizes below the model's smallest and steps beyond what the scheduler can place are invalid rows too."""
+        for name in ("width", "height"):
+            values = pc.fill_null(columns[name], self.min_size).to_numpy(zero_copy_only=False)
+            bad.mark(values < self.min_size, f"{name} is below the model's minimum of {self.min_size}")
+        if self.max_steps is not None:
+            steps = pc.fill_null(columns["steps"], 1).to_numpy(zero_copy_only=False)
+            bad.mark(steps > self.max_steps, f"steps is more than the scheduler can place (at most {self.max_steps})")
 
 
 def passthrough_names(names: list[str]) -> dict[str, str]:
@@ -493,6 +505,13 @@ PROBLEM_WORDING = {
 }
 
 
+def _wording(reason: str) -> tuple[str, str]:
+    """(column, what) for a reason like "width is below the model's minimum of 64"."""
+    column = reason.split(" ")[0]
+    noun = f"{column} value" if column == "steps" else column
+    return column, "a " + reason.replace(f"{column} is ", f"{noun} that is ", 1)
+
+
 def record_problems(rows: pa.Table, problems: Problems) -> None:
     """Add a chunk's bad rows to the running tally (duplicates are counted by the plan, across chunks)."""
     bad = rows.filter(pc.is_valid(rows.column("reason")))
@@ -508,7 +527,7 @@ def record_problems(rows: pa.Table, problems: Problems) -> None:
             problems.add(reason, "prompt", f"a prompt that is not text{reason.removeprefix('prompt is not text')}",
                          listed)
             continue
-        column, what = PROBLEM_WORDING[reason]
+        column, what = PROBLEM_WORDING.get(reason) or _wording(reason)
         listed_as = "row numbers" if reason == "null id" else "ids"
         if reason == "null id":
             listed = [name.removeprefix("row ") for name in listed]

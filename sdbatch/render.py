@@ -173,6 +173,7 @@ def initial_latents(jobs: list[ImageJob], model: Model, generators: list) -> tor
 def decode(model: Model, latents: torch.Tensor):
     """VAE decode in chunks; returns uint8 images on the CPU and a failure reason per image (NaN, all black)."""
     vae = model.vae
+    hint = " (fp16 overflow in the VAE? try dtype=bf16 or fp32)" if vae.dtype == torch.float16 else ""
     pixels, failures = [], []
     for chunk in latents.split(VAE_CHUNK):
         images = vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
@@ -180,9 +181,9 @@ def decode(model: Model, latents: torch.Tensor):
         images = (images / 2 + 0.5).clamp(0, 1).float()
         images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
         for image, ok in zip(images, finite):
-            reason = None if ok else "non-finite values (NaN/inf) in the decoded image (fp16 overflow? try dtype=bf16 or fp32)"
+            reason = None if ok else f"non-finite values (NaN/inf) in the decoded image{hint}"
             if ok and int(image.max()) == 0:
-                reason = "all-black image (fp16 overflow in the VAE? try dtype=bf16 or fp32)"
+                reason = f"all-black image{hint}"
             pixels.append(None if reason else image)
             failures.append(reason)
     return pixels, failures

@@ -58,7 +58,7 @@ def run(cfg) -> int:
 
 def _run(cfg, worker, device, dtype, output_dir: Path, heartbeat: Heartbeat, start: float) -> int:
     check_output_dir(output_dir)
-    manifest = Manifest(cfg.prompts)
+    manifest = Manifest(cfg.prompts, settings.max_steps(cfg)[0], settings.min_image_size(cfg.model))
     for warning in manifest.misspelled():
         log.warning("%s: %s", cfg.prompts, warning)
     width, height = cfg.width or cfg.model.width, cfg.height or cfg.model.height

@@ -245,7 +245,39 @@ def cross_problems(cfg, values: dict) -> list[str]:
         if limit is not None and values["steps"] > limit:
             problems.append(f"steps={values['steps']} is more than scheduler={cfg.scheduler.name} can place on the "
                             f"model's {timesteps} training timesteps: at most {limit}")
+    sizes = ("model.name", "model.random_weights", "model.width", "model.height")
+    if all(key in values for key in sizes) and "model.path" in values:
+        smallest = min_image_size(cfg.model)
+        for key in ("width", "height"):
+            size = values.get(key) or values[f"model.{key}"]
+            if is_int(size) and size < smallest:
+                problems.append(f"{key}={size} is below what model={cfg.model.name} can render: at least {smallest}")
     return problems
+
+
+def min_image_size(model) -> int:
+    """The smallest width/height the model renders: its latents must keep at least 2x2 pixels at the UNet's
+    deepest level (a 1x1 map breaks the VAE's and UNet's group norms). Read from the configs, without torch."""
+    unet, vae = model_config(model, "unet"), model_config(model, "vae")
+    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    downsamples = len(unet.get("down_block_types", [0] * 4)) - 1
+    return scale * max(2, 2 ** downsamples)
+
+
+def model_config(model, part: str) -> dict:
+    """unet or vae config.json of the model: a built-in architecture's, or a local folder's (SD's when unknown)."""
+    if model.random_weights or (model.path and os.path.isfile(str(model.path))):
+        name = f"tiny-{model.family}" if model.name == "tiny" else str(model.name)
+        file = ARCH_DIR / name / f"{part}.json"
+    elif model.path:
+        folder = model.path if os.path.isdir(model.path) else hub_snapshot(str(model.path))
+        file = Path(folder, part, "config.json") if folder else None
+    else:
+        file = None
+    try:
+        return json.loads(file.read_text()) if file is not None and file.is_file() else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def max_steps(cfg) -> tuple[int | None, int]:

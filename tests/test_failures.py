@@ -25,6 +25,7 @@ def test_nan_and_black_images_are_flagged_failed_not_saved(cfg, monkeypatch):
     rows = {r["id"]: r for r in read_ledgers(cfg.output_dir)}
     assert rows["a"]["status"] == "failed" and "non-finite" in rows["a"]["reason"]
     assert rows["b"]["status"] == "failed" and "all-black" in rows["b"]["reason"]
+    assert "fp16" not in rows["a"]["reason"] + rows["b"]["reason"]  # this run is fp32: no fp16 advice
     assert all(r["image_path"] is None for r in rows.values())
     assert not list(Path(cfg.output_dir, "images").rglob("*.png"))
 
@@ -61,3 +62,27 @@ def test_xformers_built_for_another_torch_names_both_versions_and_the_fix():
     message = _xformers_problem(torch.device("cuda"))
     assert torch.__version__ in message and "2.10" in message
     assert "attention=sdpa" in message and "scripts/gpu/setup.sh" in message
+
+
+def test_a_batch_that_raises_fails_its_images_and_the_run_goes_on(make_cfg, tmp_path, monkeypatch, capsys):
+    from conftest import write_manifest
+    from sdbatch.render import Renderer
+    manifest = write_manifest(tmp_path / "four.parquet", {"id": ["a", "b", "c", "d"],
+                                                          "prompt": ["fine", "EXPLODE", "fine too", "also fine"]})
+    original = Renderer._render
+
+    def fragile(self, jobs):
+        if any(j.prompt == "EXPLODE" for j in jobs):
+            raise RuntimeError("Expected more than 1 value per channel when training")
+        return original(self, jobs)
+
+    monkeypatch.setattr(Renderer, "_render", fragile)
+    cfg = make_cfg(f"prompts={manifest}", "batch_size=1")
+    assert run(cfg) == 0
+    rows = {r["id"]: r for r in read_ledgers(cfg.output_dir)}
+    assert rows["b"]["status"] == "failed" and rows["b"]["reason"].startswith("rendering failed: Expected more")
+    assert {rows[i]["status"] for i in "acd"} == {"ok"}
+    assert "1 failed" in capsys.readouterr().out
+    monkeypatch.setattr(Renderer, "_render", original)
+    assert run(cfg) == 0  # a new process retries the failed image
+    assert {r["status"] for r in read_ledgers(cfg.output_dir)} == {"ok"}

@@ -352,3 +352,17 @@ def test_passthrough_keeps_types_and_never_loses_a_column(tmp_path):
     # `status` is a ledger column: it becomes manifest_status, which the manifest has too, so one more prefix
     assert manifest.plan.passthrough == ["manifest_manifest_status", "manifest_status", "big"]
     assert manifest.jobs[0].extra == {"manifest_manifest_status": "live", "manifest_status": "old", "big": 2**64 - 1}
+
+
+def test_sizes_and_steps_beyond_the_model_and_scheduler_are_named(tmp_path):
+    path = write(tmp_path, {"id": ["ok", "tiny", "long"], "prompt": ["x"] * 3, "width": [64, 8, 64],
+                            "steps": [20, 20, 1200]})
+    with pytest.raises(SdbatchError) as caught:
+        manifest = Manifest(path, max_steps=999, min_size=16)
+        folder = Path(tempfile.mkdtemp(prefix="sdbatch-plan-"))
+        plan = Plan(folder, build(manifest, 1, folder))
+        raise SdbatchError(plan.problems.message(str(path)))
+    message = str(caught.value)
+    assert "1 row has a width that is below the model's minimum of 16 (column 'width', ids: tiny)" in message
+    assert "1 row has a steps value that is more than the scheduler can place (at most 999) (column 'steps', ids: long)" \
+        in message
