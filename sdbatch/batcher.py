@@ -198,7 +198,9 @@ class Batcher:
                 shard.lease.lost = True
                 self._close(shard)
                 return
-            raise SdbatchError(f"Writing the ledger of shard {shard.number} failed: {error}.") from None
+            raise SdbatchError(f"Writing the ledger of shard {shard.number} ({shard.ledger_file}) failed: "
+                               f"{describe_os_error(error)}. The images written so far stay on disk and carry their "
+                               f"ledger rows; fix the disk and rerun to record them.") from None
         if final:
             self.ctx.counts["removed"] += shard.removed
             self.ctx.counts["unchanged"] += shard.kept.num_rows

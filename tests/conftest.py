@@ -51,7 +51,7 @@ def read_ledgers(output_dir) -> list[dict]:
     rows = []
     for path in sorted(Path(output_dir, "ledger").glob("shard-*.parquet")):
         rows += pq.read_table(path).to_pylist()
-    return sorted(rows, key=lambda r: (r["id"], r["image_index"] if r["image_index"] is not None else -1))
+    return sorted(rows, key=lambda r: (r["id"] or "", r["image_index"] if r["image_index"] is not None else -1))
 
 
 def cli(cwd, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

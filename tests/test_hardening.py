@@ -34,10 +34,10 @@ def full_disk_after(tmp_path: Path, files: int) -> dict:
     hooks = tmp_path / "hooks"
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(textwrap.dedent(f"""
-        import errno, tempfile
+        import errno, os, tempfile
         _mkstemp, _made = tempfile.mkstemp, [0]
         def mkstemp(*args, dir=None, **kwargs):
-            if dir is not None and "{tmp_path / 'out'}" in str(dir):
+            if dir is not None and os.path.abspath(dir).startswith("{tmp_path / 'out'}"):
                 _made[0] += 1
                 if _made[0] > {files}:
                     raise OSError(errno.ENOSPC, "No space left on device", str(dir))
