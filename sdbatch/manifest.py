@@ -160,7 +160,9 @@ class Manifest:
         first = 0
         for fragment in self.dataset.get_fragments():
             try:
-                for batch in fragment.to_batches(schema=self.dataset.schema, batch_size=rows):
+                batches = fragment.to_batches(schema=self.dataset.schema, batch_size=rows, batch_readahead=1,
+                                              fragment_readahead=1)  # one chunk in memory at a time
+                for batch in batches:
                     table = pa.Table.from_batches([batch])
                     yield fragment.path, self._normalised(table, first)
                     first += table.num_rows

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from operator import methodcaller
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,6 @@ PLAN_FORMAT = 1
 ROW_GROUP_ROWS = 4096  # small row groups: reading one shard touches little of each part
 PLAN_FILE = "plan.json"
 OLD_PLAN_S = 7 * 24 * 3600  # plans made this long ago are deleted by the next planner (a rerun of one remakes it)
-_ZERO = bytes(8)
 
 
 def shard_of(row_id: str, num_shards: int) -> int:
@@ -42,18 +42,21 @@ def shard_of(row_id: str, num_shards: int) -> int:
 
 
 def id_digests(ids: pa.Array) -> np.ndarray:
-    """The first 8 bytes of each id's SHA-256 as uint64 (0 for a null id): shard_of() for a whole column."""
-    sha = hashlib.sha256
-    joined = b"".join(_ZERO if v is None else sha(v.encode()).digest()[:8] for v in ids.to_pylist())
-    return np.frombuffer(joined, dtype=">u8").astype(np.uint64)
+    """The first 8 bytes of each id's SHA-256 as uint64 (0 for a null id): shard_of() for a whole column, with the
+    loop over ids left to C (map) rather than Python bytecode, since a 10M-row manifest has 10M ids to hash."""
+    texts = pc.fill_null(ids, "").cast(pa.binary()).to_pylist()
+    digests = b"".join(map(methodcaller("digest"), map(hashlib.sha256, texts)))
+    first8 = np.frombuffer(digests, dtype=">u8").reshape(-1, 4)[:, 0].astype(np.uint64)
+    return np.where(ids.is_null().to_numpy(zero_copy_only=False), np.uint64(0), first8)
 
 
-def shards_of(rows: pa.Table, num_shards: int) -> np.ndarray:
-    """Each row's shard: by id; a row without a usable id (it will be skipped) by its row number."""
-    digests = id_digests(rows.column("id"))
+def shards_of(rows: pa.Table, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's shard (by id; a row without a usable id, which will be skipped, by its row number) and its id
+    digest."""
+    digests = id_digests(rows.column("id").combine_chunks())
     null = rows.column("id").is_null().to_numpy(zero_copy_only=False)
     by_row = rows.column("row").to_numpy().astype(np.uint64)
-    return np.where(null, by_row, digests) % np.uint64(num_shards)
+    return np.where(null, by_row, digests) % np.uint64(num_shards), digests
 
 
 def num_shards_for(num_rows: int, shard_size: int) -> int:
@@ -151,18 +154,20 @@ def build(manifest: Manifest, num_shards: int, folder: Path) -> dict:
     skipped = np.zeros(num_shards, dtype=np.int64)
     digests, started = [], time.monotonic()
     for part, (_, rows) in enumerate(manifest.chunks()):
-        shard = shards_of(rows, num_shards)
+        shard, digest = shards_of(rows, num_shards)
         record_problems(rows, problems)
         valid = rows.column("reason").is_null().to_numpy(zero_copy_only=False)
         counts = pc.fill_null(rows.column("num_images"), 1).to_numpy(zero_copy_only=False)
         images += np.bincount(shard[valid].astype(np.int64), weights=counts[valid], minlength=num_shards).astype(np.int64)
         skipped += np.bincount(shard[~valid].astype(np.int64), minlength=num_shards)
-        digests.append(id_digests(rows.column("id").filter(pa.array(valid))))
+        digests.append(digest[valid])
         order = np.argsort(shard, kind="stable")
         table = rows.append_column("shard", pa.array(shard.astype(np.int64))).take(order)
         pq.write_table(table, folder / f"part-{part:05d}.parquet", row_group_size=ROW_GROUP_ROWS)
     plan = Plan(folder, {"num_shards": num_shards})
-    _add_duplicates(plan, np.concatenate(digests) if digests else np.zeros(0, np.uint64), num_shards, problems)
+    digests = np.concatenate(digests) if digests else np.zeros(0, np.uint64)
+    _add_duplicates(plan, digests, num_shards, problems)
+    pa.default_memory_pool().release_unused()  # the chunks are gone: give their memory back before the model loads
     log.info("planned %d rows of %s into %d shards in %.1fs", manifest.num_rows, manifest.path, num_shards,
              time.monotonic() - started)
     return {"format": PLAN_FORMAT, "manifest": manifest.path, "num_rows": manifest.num_rows,
@@ -173,8 +178,8 @@ def build(manifest: Manifest, num_shards: int, folder: Path) -> dict:
 
 def _add_duplicates(plan: Plan, digests: np.ndarray, num_shards: int, problems: Problems) -> None:
     """Count and name duplicated ids across the whole manifest (found by digest, confirmed per shard)."""
-    values, counts = np.unique(digests, return_counts=True)
-    suspects = values[counts > 1]
+    digests.sort()  # in place: 80 MB for 10M rows, no second copy
+    suspects = np.unique(digests[1:][digests[1:] == digests[:-1]])
     if len(suspects) == 0:
         return
     shards = sorted({int(d % np.uint64(num_shards)) for d in suspects})
