@@ -66,6 +66,8 @@ BAD = {  # override -> words of the problem
     "on_invalid=ignore": "on_invalid=ignore must be error | skip",
     "compile_mode=fast": "compile_mode=fast must be default |",
     "progress=yes": "progress=yes must be true or false",
+    "gpu_hour_cost=-1": "gpu_hour_cost=-1 must be a price per GPU-hour: a finite number of at least 0",
+    "gpu_hour_cost=nan": "gpu_hour_cost=nan must be a price per GPU-hour",
     "overwrite=1": "overwrite=1 must be true or false",
     "seed=1.5": "seed=1.5 must be a whole number",
     "output_dir=2024": "output_dir=2024 must be text (quote it: '2024')",
