@@ -30,7 +30,7 @@ from PIL import Image
 
 from sdbatch import SdbatchError, cli, settings
 from sdbatch.cost import DEVICE_STAGES, amount, cost_lines, gpu_hour_figures
-from sdbatch.ledger import SETTINGS_FILE
+from sdbatch.ledger import CORE_SCHEMA, SETTINGS_FILE
 
 STAGE_COLUMNS = ["text_encode_s", "denoise_s", "vae_decode_s", "write_s"]
 REQUIRED_COLUMNS = [
@@ -94,9 +94,18 @@ def read_ledgers(output_dir: Path) -> tuple[pa.Table, int, list[str]]:
         )
     try:
         # "permissive" lets a passthrough column that is all-null in one shard join its typed twin elsewhere.
-        return pa.concat_tables(tables, promote_options="permissive"), len(paths), unreadable
+        return typed(pa.concat_tables(tables, promote_options="permissive")), len(paths), unreadable
     except pa.ArrowException as err:
         raise SdbatchError(f"The ledgers in {output_dir / 'ledger'} do not fit together into one table: {err}.")
+
+
+def typed(table: pa.Table) -> pa.Table:
+    """Ledger columns that are null in every shard (stored as Parquet's null type) as their ledger types."""
+    for field in CORE_SCHEMA:
+        if field.name in table.column_names and pa.types.is_null(table.schema.field(field.name).type):
+            index = table.column_names.index(field.name)
+            table = table.set_column(index, field.name, table[field.name].cast(field.type))
+    return table
 
 
 # ---- numbers ----
@@ -144,7 +153,7 @@ def rate(images: int, seconds: float | None) -> float | None:
 
 def worker_keys(table: pa.Table) -> np.ndarray:
     """One integer per row naming its worker: its (worker_index, device) pair."""
-    index = pc.fill_null(table["worker_index"], -1).to_numpy().astype(np.int64)
+    index = pc.fill_null(table["worker_index"], -1).to_numpy()
     device = pc.dictionary_encode(pc.fill_null(table["device"], "").combine_chunks()).indices.to_numpy()
     return index * (int(device.max(initial=0)) + 1) + device
 
@@ -226,7 +235,8 @@ def gpu_use(table: pa.Table, gpu_hour_cost: float | None) -> dict:
     elsewhere = value_counts(pc.fill_null(table.filter(pc.and_(ok, pc.invert(on_gpu)))["device"], "unknown device"))
     return {
         "seconds": seconds, "images": images, "elsewhere": elsewhere, "gpu_hour_cost": gpu_hour_cost,
-        "figures": gpu_hour_figures(images, seconds, gpu_hour_cost), "lines": cost_lines(images, seconds, gpu_hour_cost),
+        "figures": gpu_hour_figures(images, seconds, gpu_hour_cost),
+        "lines": cost_lines(images, seconds, gpu_hour_cost),
     }
 
 
@@ -267,8 +277,8 @@ def reasons(table: pa.Table, status: str) -> list[tuple[str, int]]:
 
 # (row of the settings table, ledger column); size joins width and height. lora/lora_scale are in newer ledgers.
 LEDGER_SETTINGS = [("model", "model"), ("scheduler", "scheduler"), ("steps", "steps"),
-                   ("guidance scale", "guidance_scale"), ("attention", "attention_backend"), ("batch size", "batch_size"),
-                   ("device", "device"), ("LoRA", "lora"), ("LoRA scale", "lora_scale")]
+                   ("guidance scale", "guidance_scale"), ("attention", "attention_backend"),
+                   ("batch size", "batch_size"), ("device", "device"), ("LoRA", "lora"), ("LoRA scale", "lora_scale")]
 SETTING_ORDER = ["model", "weights", "scheduler", "steps", "size", "guidance scale", "dtype", "attention",
                  "batch size", "device", "LoRA", "LoRA scale", "image format"]
 MAX_SETTING_VALUES = 6  # per row of the settings table; the rest is counted
@@ -381,6 +391,10 @@ def time_axis(axes, starts: np.ndarray, ends: np.ndarray):
     return lambda seconds: rendering_time(seconds, starts, ends) / per
 
 
+def matches(column: pa.ChunkedArray, value) -> pa.ChunkedArray:
+    return pc.is_null(column) if value is None else pc.fill_null(pc.equal(column, value), False)
+
+
 def throughput_chart(timed: pa.Table, summary: dict) -> str:
     figure, axes = new_chart("Throughput: images finished per worker")
     done = timed.filter(pc.equal(timed["status"], "ok"))
@@ -389,9 +403,8 @@ def throughput_chart(timed: pa.Table, summary: dict) -> str:
         return to_svg(figure)
     place = time_axis(axes, *summary["spans"])
     for worker in summary["workers"]:
-        mine = done.filter(pc.equal(done["worker_index"], worker["worker_index"]))
-        if worker["device"] is not None:
-            mine = mine.filter(pc.equal(mine["device"], worker["device"]))
+        mine = done.filter(pc.and_(matches(done["worker_index"], worker["worker_index"]),
+                                   matches(done["device"], worker["device"])))
         if not len(mine):
             continue
         finished = np.sort(mine["finished_s"].to_numpy())
@@ -629,7 +642,8 @@ def values_html(values: list[tuple[str, int | None]]) -> str:
     """One value as it is; several each with its image count, the most common first."""
     if len(values) == 1:
         return html.escape(values[0][0])
-    shown = [f'{html.escape(value)} <span class="muted">({count:,})</span>' for value, count in values[:MAX_SETTING_VALUES]]
+    shown = [f'{html.escape(value)} <span class="muted">({count:,})</span>'
+             for value, count in values[:MAX_SETTING_VALUES]]
     if len(values) > MAX_SETTING_VALUES:
         shown.append(f'<span class="muted">and {len(values) - MAX_SETTING_VALUES} more</span>')
     return " · ".join(shown)
@@ -654,8 +668,10 @@ def cost_html(summary: dict) -> str:
     price = gpu["gpu_hour_cost"]
     if price is None:
         cost = "gpu_hour_cost=PRICE gives it"
+    elif figures["cost_per_1000"] is None:
+        cost = "–"  # no ok image to share the cost
     else:
-        cost = "–" if figures["cost_per_1000"] is None else f"{amount(figures['cost_per_1000'])} at {price:g} per GPU-hour"
+        cost = f"{amount(figures['cost_per_1000'])} at {price:g} per GPU-hour"
     rows = [("images per GPU-hour", amount(figures["images_per_gpu_hour"])), ("cost of 1,000 images", cost),
             ("GPU-busy time", f"{format_duration(gpu['seconds'])} ({figures['gpu_hours']:.3g} GPU-hours)"),
             ("ok images made on a GPU", f"{gpu['images']:,}")]

@@ -269,7 +269,8 @@ def gpu_failure_rows():
     """sample_rows, where r6's failure came after its batch ran (a NaN image): its 1.5 s of GPU time count."""
     rows = sample_rows()
     r6 = next(item for item in rows if item["id"] == "r6")
-    r6.update(batch_size=2, text_encode_s=0.25, denoise_s=1.0, vae_decode_s=0.25, finished_at=T0 + timedelta(seconds=13))
+    r6.update(batch_size=2, text_encode_s=0.25, denoise_s=1.0, vae_decode_s=0.25,
+              finished_at=T0 + timedelta(seconds=13))
     return rows
 
 
@@ -375,7 +376,8 @@ def test_settings_table_from_the_ledger_and_sdbatch_json(tmp_path):
     assert table == {
         "model": "tiny", "weights": "random:tiny", "scheduler": "pndm (3) · euler (2)", "steps": "2", "size": "64×64",
         "guidance scale": "7.5", "dtype": "fp32", "attention": "sdpa", "batch size": "2", "device": "cpu",
-        "LoRA": "none (3) · &lt;b&gt;style&lt;/b&gt;-v2 (2)", "LoRA scale": "none (3) · 0.8 (2)", "image format": "png",
+        "LoRA": "none (3) · &lt;b&gt;style&lt;/b&gt;-v2 (2)", "LoRA scale": "none (3) · 0.8 (2)",
+        "image format": "png",
     }
     assert dict(summary["settings"])["scheduler"] == [("pndm", 3), ("euler", 2)]
     assert "<b>style</b>" not in page
@@ -490,3 +492,17 @@ def test_report_from_a_tiny_model_run(tmp_path):
     assert page.count('<img src="data:image/jpeg;base64,') == 3
     assert "a &lt;b&gt;blue&lt;/b&gt; sphere" in page
     assert pq.read_table(out / "report" / "merged.parquet").num_rows == 3
+
+
+def test_ledgers_without_devices_or_stage_times(tmp_path):
+    # An older ledger whose device, worker and stage columns are all null (Parquet stores them as null type).
+    rows = timeline(0, [3.5, 7])
+    out = write_run(tmp_path / "out", rows)
+    path = out / "ledger" / "shard-00000.parquet"
+    table = pq.read_table(path)
+    for name in ("device", "worker_index", "text_encode_s", "denoise_s", "vae_decode_s", "write_s", "batch_size"):
+        table = table.set_column(table.column_names.index(name), name, pa.nulls(len(table)))
+    pq.write_table(table, path)
+    summary = build_report(out)
+    assert summary["ok"] == 2 and summary["sessions"] == 1 and summary["wall_s"] == pytest.approx(3.5)
+    assert summary["gpu"]["figures"] is None and summary["gpu"]["elsewhere"] == [("unknown device", 2)]
