@@ -8,6 +8,7 @@ optionally DIR/report/merged.parquet, and prints a short summary.
 import base64
 import html
 import io
+import json
 import os
 import sys
 from collections import Counter
@@ -28,6 +29,8 @@ from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 
 from sdbatch import SdbatchError, cli, settings
+from sdbatch.cost import DEVICE_STAGES, amount, cost_lines, gpu_hour_figures
+from sdbatch.ledger import CORE_SCHEMA, SETTINGS_FILE
 
 STAGE_COLUMNS = ["text_encode_s", "denoise_s", "vae_decode_s", "write_s"]
 REQUIRED_COLUMNS = [
@@ -91,9 +94,18 @@ def read_ledgers(output_dir: Path) -> tuple[pa.Table, int, list[str]]:
         )
     try:
         # "permissive" lets a passthrough column that is all-null in one shard join its typed twin elsewhere.
-        return pa.concat_tables(tables, promote_options="permissive"), len(paths), unreadable
+        return typed(pa.concat_tables(tables, promote_options="permissive")), len(paths), unreadable
     except pa.ArrowException as err:
         raise SdbatchError(f"The ledgers in {output_dir / 'ledger'} do not fit together into one table: {err}.")
+
+
+def typed(table: pa.Table) -> pa.Table:
+    """Ledger columns that are null in every shard (stored as Parquet's null type) as their ledger types."""
+    for field in CORE_SCHEMA:
+        if field.name in table.column_names and pa.types.is_null(table.schema.field(field.name).type):
+            index = table.column_names.index(field.name)
+            table = table.set_column(index, field.name, table[field.name].cast(field.type))
+    return table
 
 
 # ---- numbers ----
@@ -128,8 +140,9 @@ def image_times(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def timed_images(table: pa.Table) -> pa.Table:
-    """Ok images with a finish time, with started_s/finished_s columns added."""
-    timed = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["finished_at"])))
+    """Rendered images (ok or failed) with a finish time, with started_s/finished_s columns added."""
+    rendered = pc.is_in(table["status"], pa.array(["ok", "failed"]))
+    timed = table.filter(pc.and_(rendered, pc.is_valid(table["finished_at"])))
     started, finished = image_times(timed)
     return timed.append_column("started_s", pa.array(started)).append_column("finished_s", pa.array(finished))
 
@@ -138,27 +151,100 @@ def rate(images: int, seconds: float | None) -> float | None:
     return images / seconds if seconds else None
 
 
-def worker_stats(timed: pa.Table) -> list[dict]:
-    groups = timed.group_by(["worker_index", "device"]).aggregate(
-        [("started_s", "min"), ("finished_s", "max"), ("status", "count")]
-    )
+def worker_keys(table: pa.Table) -> np.ndarray:
+    """One integer per row naming its worker: its (worker_index, device) pair."""
+    index = pc.fill_null(table["worker_index"], -1).to_numpy()
+    device = pc.dictionary_encode(pc.fill_null(table["device"], "").combine_chunks()).indices.to_numpy()
+    return index * (int(device.max(initial=0)) + 1) + device
+
+
+# A worker's images fall into sessions: stretches of batches run back to back. An image starts a new session when
+# its batch began more than max(SESSION_GAP_S, SESSION_GAP_BATCHES x the previous batch's time) after the worker's
+# previous image finished. Within a run batches follow each other at once (a shard switch, a short lease wait);
+# between runs there is at least a process start and a model load, and between nights a day. Sessions are found
+# per worker (worker_index, device), so workers running at the same time never fill each other's gaps: a worker's
+# time is the sum of its sessions, the folder's wall time the time covered by at least one session of any worker
+# (each stretch of it is a "run" in the summary: the workers of one Slurm array overlap into one).
+# What this leaves out is time with nothing in the ledger: a longer wait inside a run (for a lease held elsewhere),
+# model loading, and the holes images re-rendered by a later run leave in an earlier session.
+SESSION_GAP_S = 30.0
+SESSION_GAP_BATCHES = 5
+SESSION_SCHEMA = pa.schema([("worker_index", pa.int64()), ("device", pa.string()), ("start_s", pa.float64()),
+                            ("end_s", pa.float64()), ("images", pa.int64())])
+
+
+def session_table(timed: pa.Table) -> pa.Table:
+    """One row per session of a worker: worker_index, device, start_s, end_s and its ok images."""
+    if not len(timed):
+        return SESSION_SCHEMA.empty_table()
+    worker = worker_keys(timed)
+    started, finished = timed["started_s"].to_numpy(), timed["finished_s"].to_numpy()
+    order = np.lexsort((finished, worker))
+    worker, started, finished = worker[order], started[order], finished[order]
+    ok = pc.fill_null(pc.equal(timed["status"], "ok"), False).to_numpy().astype(np.int64)[order]
+    # Sorted by finish within a worker, the previous image is the latest the worker had finished.
+    allowed = np.maximum(SESSION_GAP_S, SESSION_GAP_BATCHES * (finished - started)[:-1])
+    new = np.concatenate([[True], (worker[1:] != worker[:-1]) | (started[1:] - finished[:-1] > allowed)])
+    firsts = np.flatnonzero(new)
+    first_rows = pa.array(order[firsts])
+    return pa.table({
+        "worker_index": timed["worker_index"].take(first_rows), "device": timed["device"].take(first_rows),
+        "start_s": np.minimum.reduceat(started, firsts), "end_s": np.maximum.reduceat(finished, firsts),
+        "images": np.add.reduceat(ok, firsts),
+    }).cast(SESSION_SCHEMA)
+
+
+def covered(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The time covered by at least one of the intervals, as (starts, ends) of disjoint intervals in order."""
+    if not len(starts):
+        return starts, ends
+    order = np.argsort(starts, kind="stable")
+    starts, reach = starts[order], np.maximum.accumulate(ends[order])
+    firsts = np.flatnonzero(np.concatenate([[True], starts[1:] > reach[:-1]]))
+    lasts = np.append(firsts[1:] - 1, len(starts) - 1)
+    return starts[firsts], reach[lasts]
+
+
+def worker_stats(sessions: pa.Table) -> list[dict]:
+    spans = sessions.append_column("span_s", pc.subtract(sessions["end_s"], sessions["start_s"]))
+    groups = spans.group_by(["worker_index", "device"]).aggregate([("span_s", "sum"), ("span_s", "count"),
+                                                                    ("images", "sum")])
     workers = []
-    for group in sorted(groups.to_pylist(), key=lambda g: (g["worker_index"], g["device"] or "")):
-        wall_s = group["finished_s_max"] - group["started_s_min"]
+    for group in sorted(groups.to_pylist(), key=lambda g: (g["worker_index"] is None, g["worker_index"] or 0,
+                                                           g["device"] or "")):
         workers.append({
             "worker_index": group["worker_index"],
             "device": group["device"],
-            "images": group["status_count"],
-            "wall_s": wall_s,
-            "images_per_s": rate(group["status_count"], wall_s),
+            "images": group["images_sum"],
+            "sessions": group["span_s_count"],
+            "wall_s": group["span_s_sum"],
+            "images_per_s": rate(group["images_sum"], group["span_s_sum"]),
         })
     return workers
 
 
-def summarize(table: pa.Table) -> dict:
+def gpu_use(table: pa.Table, gpu_hour_cost: float | None) -> dict:
+    """GPU-busy seconds and what they made: the device stages' shares summed over every image rendered on a GPU
+    (failed ones too, their time was spent), the ok images among them, and the ok images made on other devices
+    (counted apart)."""
+    on_gpu = pc.fill_null(pc.starts_with(table["device"], "cuda"), False)
+    gpu_rows = table.filter(on_gpu)
+    seconds = sum(pc.sum(gpu_rows[name]).as_py() or 0.0 for name in DEVICE_STAGES)
+    ok = pc.fill_null(pc.equal(table["status"], "ok"), False)
+    images = pc.sum(pc.and_(ok, on_gpu)).as_py() or 0
+    elsewhere = value_counts(pc.fill_null(table.filter(pc.and_(ok, pc.invert(on_gpu)))["device"], "unknown device"))
+    return {
+        "seconds": seconds, "images": images, "elsewhere": elsewhere, "gpu_hour_cost": gpu_hour_cost,
+        "figures": gpu_hour_figures(images, seconds, gpu_hour_cost),
+        "lines": cost_lines(images, seconds, gpu_hour_cost),
+    }
+
+
+def summarize(table: pa.Table, gpu_hour_cost: float | None = None, saved: dict | None = None) -> dict:
     statuses = dict(value_counts(table["status"]))
-    timed = timed_images(table)
-    wall_s = float(np.max(timed["finished_s"]) - np.min(timed["started_s"])) if len(timed) else None
+    sessions = session_table(timed_images(table))
+    starts, ends = covered(sessions["start_s"].to_numpy(), sessions["end_s"].to_numpy())
+    wall_s = float(np.sum(ends - starts)) if len(starts) else None
     return {
         "images": len(table),
         "ok": statuses.get("ok", 0),
@@ -167,11 +253,15 @@ def summarize(table: pa.Table) -> dict:
         "truncated": pc.sum(pc.fill_null(table["truncated"], False)).as_py() or 0,
         "failed_reasons": reasons(table, "failed"),
         "skipped_reasons": reasons(table, "skipped"),
-        # From the estimated start of the first batch to the last finished image (gaps between runs included).
-        "wall_s": wall_s,
-        "images_per_s": rate(len(timed), wall_s),
-        "workers": worker_stats(timed),
+        "wall_s": wall_s,  # the sessions' spans (see SESSION_GAP_S), not the first image to the last
+        "images_per_s": rate(pc.sum(sessions["images"]).as_py() or 0, wall_s),
+        "sessions": len(sessions),
+        "runs": len(starts),  # stretches of time with at least one worker rendering
+        "spans": (starts, ends),
+        "workers": worker_stats(sessions),
         "stage_s": {name: pc.sum(table[name]).as_py() or 0.0 for name in STAGE_COLUMNS},
+        "gpu": gpu_use(table, gpu_hour_cost),
+        "settings": run_settings(table, saved or {}),
     }
 
 
@@ -181,6 +271,75 @@ def reasons(table: pa.Table, status: str) -> list[tuple[str, int]]:
     if missing := len(rows) - sum(counts.values()):
         counts["(no reason given)"] = missing
     return counts.most_common()
+
+
+# ---- run settings ----
+
+# (row of the settings table, ledger column); size joins width and height. lora/lora_scale are in newer ledgers.
+LEDGER_SETTINGS = [("model", "model"), ("scheduler", "scheduler"), ("steps", "steps"),
+                   ("guidance scale", "guidance_scale"), ("attention", "attention_backend"),
+                   ("batch size", "batch_size"), ("device", "device"), ("LoRA", "lora"), ("LoRA scale", "lora_scale")]
+SETTING_ORDER = ["model", "weights", "scheduler", "steps", "size", "guidance scale", "dtype", "attention",
+                 "batch size", "device", "LoRA", "LoRA scale", "image format"]
+MAX_SETTING_VALUES = 6  # per row of the settings table; the rest is counted
+
+
+def read_folder_settings(output_dir: Path) -> tuple[dict, str | None]:
+    """The run-level settings DIR/sdbatch.json records ({} without one), and why it could not be read."""
+    path = output_dir / SETTINGS_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))["settings"]
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return {}, f"{SETTINGS_FILE} could not be read ({err}); the settings table shows the ledgers' values only"
+    return (saved if isinstance(saved, dict) else {}), None
+
+
+def as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A column as the settings table shows it: lists joined with ', ', nulls and empty values as 'none'."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        column = pc.binary_join(column.cast(pa.list_(pa.string())), ", ")
+    text = pc.cast(column, pa.string())
+    return pc.if_else(pc.fill_null(pc.equal(text, ""), True), "none", text)
+
+
+def text_counts(text: pa.ChunkedArray) -> list[tuple[str, int]]:
+    return sorted(value_counts(text), key=lambda pair: (-pair[1], pair[0]))
+
+
+def folder_settings(saved: dict) -> dict:
+    """Settings rows from sdbatch.json (the folder's latest run; no image counts): weights, dtype, image format."""
+    if not saved:
+        return {}
+    extras = saved.get("extras") or {}
+    image_format = extras.get("image_format") or {}
+    found = {
+        "weights": [(str(saved.get("weights") or saved.get("model") or "unknown"), None)],
+        # Content keys record dtype only where it is not fp16, what the first sdbatch always used.
+        "dtype": [(str(extras.get("dtype", "fp16")), None)],
+        "image format": [(str(image_format.get("name", "png") if isinstance(image_format, dict) else image_format),
+                          None)],
+    }
+    for name, key in (("LoRA", "lora"), ("LoRA scale", "lora_scale")):
+        value = saved.get(key, extras.get(key))
+        if value not in (None, "", []):
+            found[name] = [(", ".join(map(str, value)) if isinstance(value, list) else str(value), None)]
+    return found
+
+
+def run_settings(table: pa.Table, saved: dict) -> list[tuple[str, list[tuple[str, int | None]]]]:
+    """(setting, [(value, images)]) for the settings table: the values of the ok images in the ledger, most common
+    first, else the folder's run-level value (images None)."""
+    rendered = table.filter(pc.fill_null(pc.equal(table["status"], "ok"), False))
+    found = folder_settings(saved)
+    for name, column in LEDGER_SETTINGS:
+        if column in rendered.column_names and len(rendered):
+            found[name] = text_counts(as_text(rendered[column]))
+    if {"width", "height"} <= set(rendered.column_names) and len(rendered):
+        size = pc.binary_join_element_wise(as_text(rendered["width"]), as_text(rendered["height"]), "×")
+        found["size"] = text_counts(size)
+    return [(name, found[name]) for name in SETTING_ORDER if name in found]
 
 
 # ---- charts ----
@@ -207,27 +366,54 @@ def no_data(axes, text: str = "no data yet") -> None:
     axes.set_yticks([])
 
 
-def throughput_chart(timed: pa.Table) -> str:
+def rendering_time(seconds: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Epoch seconds as seconds into the covered spans laid end to end: the idle time between them cut out."""
+    offsets = np.concatenate([[0.0], np.cumsum(ends - starts)[:-1]])
+    span = np.clip(np.searchsorted(starts, seconds, side="right") - 1, 0, None)
+    return offsets[span] + seconds - starts[span]
+
+
+def time_axis(axes, starts: np.ndarray, ends: np.ndarray):
+    """Label the x axis and return the function placing epoch seconds on it: UTC time for one span, else rendering
+    time with the idle gaps between spans cut out (and marked), so a folder rendered over several nights reads as
+    one line."""
+    if len(starts) <= 1:
+        locator = AutoDateLocator()
+        axes.xaxis.set_major_locator(locator)
+        axes.xaxis.set_major_formatter(ConciseDateFormatter(locator))
+        axes.set_xlabel("finished at (UTC)")
+        return lambda seconds: (seconds * 1e6).astype("datetime64[us]")
+    total = float(np.sum(ends - starts))
+    unit, per = ("h", 3600) if total > 3 * 3600 else ("min", 60) if total > 180 else ("s", 1)
+    for cut in np.cumsum(ends - starts)[:-1]:
+        axes.axvline(cut / per, color="#8a919c", linestyle=":", linewidth=1)
+    axes.set_xlabel(f"rendering time ({unit}); dotted: {len(starts) - 1} idle gap(s) between sessions cut out")
+    return lambda seconds: rendering_time(seconds, starts, ends) / per
+
+
+def matches(column: pa.ChunkedArray, value) -> pa.ChunkedArray:
+    return pc.is_null(column) if value is None else pc.fill_null(pc.equal(column, value), False)
+
+
+def throughput_chart(timed: pa.Table, summary: dict) -> str:
     figure, axes = new_chart("Throughput: images finished per worker")
-    for worker in worker_stats(timed):
-        mine = timed.filter(pc.equal(timed["worker_index"], worker["worker_index"]))
-        if worker["device"] is not None:
-            mine = mine.filter(pc.equal(mine["device"], worker["device"]))
+    done = timed.filter(pc.equal(timed["status"], "ok"))
+    if not len(done):
+        no_data(axes)
+        return to_svg(figure)
+    place = time_axis(axes, *summary["spans"])
+    for worker in summary["workers"]:
+        mine = done.filter(pc.and_(matches(done["worker_index"], worker["worker_index"]),
+                                   matches(done["device"], worker["device"])))
+        if not len(mine):
+            continue
         finished = np.sort(mine["finished_s"].to_numpy())
         keep = np.unique(np.linspace(0, len(finished) - 1, MAX_LINE_POINTS).round().astype(int))
         seconds = np.concatenate([[np.min(mine["started_s"])], finished[keep]])
         counts = np.concatenate([[0], keep + 1])
-        times = (seconds * 1e6).astype("datetime64[us]")
-        axes.step(times, counts, where="post", linewidth=1.6, label=worker_label(worker))
-    if len(timed):
-        locator = AutoDateLocator()
-        axes.xaxis.set_major_locator(locator)
-        axes.xaxis.set_major_formatter(ConciseDateFormatter(locator))
-        axes.set_ylabel("images (cumulative)")
-        axes.set_xlabel("finished at (UTC)")
-        axes.legend(frameon=False, fontsize=8)
-    else:
-        no_data(axes)
+        axes.step(place(seconds), counts, where="post", linewidth=1.6, label=worker_label(worker))
+    axes.set_ylabel("images (cumulative)")
+    axes.legend(frameon=False, fontsize=8)
     return to_svg(figure)
 
 
@@ -263,15 +449,14 @@ def count_chart(title: str, pairs: list[tuple], color: str) -> str:
 
 def charts(table: pa.Table, summary: dict) -> list[str]:
     rendered = table.filter(pc.equal(table["status"], "ok"))
-    batch_sizes = sorted(value_counts(rendered["batch_size"]))
-    backends = value_counts(rendered["attention_backend"])
+    breakdowns = [
+        ("Ok images per UNet batch size", sorted(value_counts(rendered["batch_size"])), "#3a9e6a"),
+        ("Ok images per attention backend", value_counts(rendered["attention_backend"]), "#8a63c9"),
+    ]
     with matplotlib.rc_context(CHART_STYLE):
-        return [
-            throughput_chart(timed_images(table)),
-            stage_chart(summary["stage_s"]),
-            count_chart("Ok images per UNet batch size", batch_sizes, "#3a9e6a"),
-            count_chart("Ok images per attention backend", backends, "#8a63c9"),
-        ]
+        svgs = [throughput_chart(timed_images(table), summary), stage_chart(summary["stage_s"])]
+        # One value would be one bar: the settings table states it instead.
+        return svgs + [count_chart(title, pairs, color) for title, pairs, color in breakdowns if len(pairs) >= 2]
 
 
 # ---- contact sheet ----
@@ -335,6 +520,25 @@ def thumb_caption(row: dict) -> str:
     return "truncated" if row["truncated"] else (row["reason"] or "")
 
 
+def short_id(text: str, limit: int) -> str:
+    """text in at most limit characters, cut in the middle: ids often share a prefix and differ at the end."""
+    if len(text) <= limit:
+        return text
+    tail = (limit - 1) // 2
+    return f"{text[:limit - 1 - tail]}…{text[len(text) - tail:]}"
+
+
+def caption_html(row: dict, size: int) -> str:
+    """The row's id (whole on hover) and, for a failed or flagged image, why."""
+    suffix = f" #{row['image_index']}" if row["image_index"] else ""
+    full = f"{row['id']}{suffix}"
+    shown = short_id(str(row["id"]), max(8, size // 7 - len(suffix))) + suffix  # about 7 px a character
+    lines = [f'<span class="id" title="{html.escape(full)}">{html.escape(shown)}</span>']
+    if status := thumb_caption(row):
+        lines.append(f'<span title="{html.escape(status)}">{html.escape(status)}</span>')
+    return f"<figcaption>{''.join(lines)}</figcaption>"
+
+
 def thumb_html(row: dict, uri: str | None, size: int) -> str:
     if uri:
         picture = f'<img src="{uri}" alt="{html.escape(str(row["id"]))}">'
@@ -345,10 +549,8 @@ def thumb_html(row: dict, uri: str | None, size: int) -> str:
         picture = f'<a href="../{html.escape(quote(row["image_path"]))}" title="{title}">{picture}</a>'
     else:
         picture = f'<span class="nolink" title="{title}">{picture}</span>'
-    caption = thumb_caption(row)
-    caption_html = f'<figcaption title="{html.escape(caption)}">{html.escape(caption)}</figcaption>' if caption else ""
     return (f'<figure class="thumb {html.escape(row["status"])}" style="width:{size}px">'
-            f'<div class="frame" style="height:{size}px">{picture}</div>{caption_html}</figure>')
+            f'<div class="frame" style="height:{size}px">{picture}</div>{caption_html(row, size)}</figure>')
 
 
 def section_html(heading: str, shown: pa.Table, total: int, output_dir: Path, size: int) -> str:
@@ -401,17 +603,84 @@ def worker_label(worker: dict) -> str:
     return f"worker {worker['worker_index']}" + (f" · {worker['device']}" if worker["device"] else "")
 
 
+def plural(count: int, word: str) -> str:
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
 def cards_html(summary: dict) -> str:
     cards = [
         ("images", summary["images"], ""), ("ok", summary["ok"], "ok"), ("skipped", summary["skipped"], "skipped"),
         ("failed", summary["failed"], "failed"), ("truncated", summary["truncated"], ""),
         ("wall time", format_duration(summary["wall_s"]), ""), ("images/s", format_rate(summary["images_per_s"]), ""),
     ]
+    gpu, figures = summary["gpu"], summary["gpu"]["figures"]
+    if figures:
+        cards.append(("images / GPU-hour", amount(figures["images_per_gpu_hour"]), ""))
+    else:
+        cards.append(("images / GPU-hour", "on CPU" if gpu["elsewhere"] else "–", ""))
+    if gpu["gpu_hour_cost"] is not None:
+        cost = figures and figures["cost_per_1000"]
+        cards.append(("per 1,000 images", "–" if cost is None else amount(cost), ""))
     return "\n".join(
         f'<div class="card {kind}" data-key="{html.escape(label)}"><div class="value">{html.escape(str(value))}</div>'
         f'<div class="label">{html.escape(label)}</div></div>'
         for label, value, kind in cards
     )
+
+
+def timing_note(summary: dict) -> str:
+    if not summary["sessions"]:
+        return ""
+    return (f'<p class="muted">Wall time and images/s count the time at least one worker was rendering '
+            f'({plural(summary["runs"], "run")}, {plural(summary["sessions"], "worker session")}), not the first image '
+            "to the last: a worker's session is its batches back to back, and an idle gap longer than "
+            f"{SESSION_GAP_S:g} s and {SESSION_GAP_BATCHES} times its last batch (another run, another night) starts "
+            "a new one.</p>")
+
+
+def values_html(values: list[tuple[str, int | None]]) -> str:
+    """One value as it is; several each with its image count, the most common first."""
+    if len(values) == 1:
+        return html.escape(values[0][0])
+    shown = [f'{html.escape(value)} <span class="muted">({count:,})</span>'
+             for value, count in values[:MAX_SETTING_VALUES]]
+    if len(values) > MAX_SETTING_VALUES:
+        shown.append(f'<span class="muted">and {len(values) - MAX_SETTING_VALUES} more</span>')
+    return " · ".join(shown)
+
+
+def settings_html(summary: dict) -> str:
+    if not summary["settings"]:
+        return '<p class="muted">No rendered images yet.</p>'
+    body = "".join(f'<tr><th>{html.escape(name)}</th><td class="value">{values_html(values)}</td></tr>'
+                   for name, values in summary["settings"])
+    return (f'<table class="settings">{body}</table><p class="muted">The rendered images\' values in the ledgers, '
+            "with image counts where there are several; weights, dtype and image format are the folder's run-level "
+            f"settings ({SETTINGS_FILE}, as of its latest run).</p>")
+
+
+def cost_html(summary: dict) -> str:
+    gpu, figures = summary["gpu"], summary["gpu"]["figures"]
+    elsewhere = ", ".join(f"{count:,} on {device}" for device, count in gpu["elsewhere"])
+    if figures is None:
+        what = f" ({elsewhere})" if elsewhere else ""
+        return f'<p class="muted">No image was rendered on a GPU{html.escape(what)}: no GPU-hour figures.</p>'
+    price = gpu["gpu_hour_cost"]
+    if price is None:
+        cost = "gpu_hour_cost=PRICE gives it"
+    elif figures["cost_per_1000"] is None:
+        cost = "–"  # no ok image to share the cost
+    else:
+        cost = f"{amount(figures['cost_per_1000'])} at {price:g} per GPU-hour"
+    rows = [("images per GPU-hour", amount(figures["images_per_gpu_hour"])), ("cost of 1,000 images", cost),
+            ("GPU-busy time", f"{format_duration(gpu['seconds'])} ({figures['gpu_hours']:.3g} GPU-hours)"),
+            ("ok images made on a GPU", f"{gpu['images']:,}")]
+    body = "".join(f'<tr><th>{name}</th><td class="num">{html.escape(value)}</td></tr>' for name, value in rows)
+    not_counted = f" Images made elsewhere are not counted: {elsewhere}." if elsewhere else ""
+    return (f'<table class="settings">{body}</table><p class="muted">GPU-busy time is each image\'s share of its '
+            "batch's text encode, denoise and VAE decode, summed over every image rendered on a GPU (failed ones "
+            "too: their time was spent). Image writes, model loading and idle time are not in it, so a bill by the "
+            f"hour is higher.{html.escape(not_counted)}</p>")
 
 
 def reasons_html(summary: dict) -> str:
@@ -429,19 +698,24 @@ def workers_html(summary: dict) -> str:
         return '<p class="muted">No finished images yet.</p>'
     body = "".join(
         f'<tr><td>{worker["worker_index"]}</td><td>{html.escape(worker["device"] or "")}</td>'
-        f'<td class="num">{worker["images"]}</td><td class="num">{format_duration(worker["wall_s"])}</td>'
+        f'<td class="num">{worker["images"]}</td><td class="num">{worker["sessions"]}</td>'
+        f'<td class="num">{format_duration(worker["wall_s"])}</td>'
         f'<td class="num">{format_rate(worker["images_per_s"])}</td></tr>'
         for worker in summary["workers"]
     )
-    return ('<table><tr><th>worker</th><th>device</th><th class="num">ok images</th><th class="num">wall time</th>'
-            f'<th class="num">images/s</th></tr>{body}</table>')
+    return ('<table><tr><th>worker</th><th>device</th><th class="num">ok images</th><th class="num">sessions</th>'
+            f'<th class="num">wall time</th><th class="num">images/s</th></tr>{body}</table>')
 
 
 def warnings_html(summary: dict) -> str:
-    if not summary["unreadable"]:
-        return ""
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in summary["unreadable"])
-    return f'<div class="warning">Skipped ledgers that could not be read (a run may be replacing them):<ul>{items}</ul></div>'
+    parts = []
+    if summary["unreadable"]:
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in summary["unreadable"])
+        parts.append(f'<div class="warning">Skipped ledgers that could not be read (a run may be replacing them):'
+                     f"<ul>{items}</ul></div>")
+    if summary["settings_problem"]:
+        parts.append(f'<div class="warning">{html.escape(summary["settings_problem"])}</div>')
+    return "\n".join(parts)
 
 
 PAGE_CSS = """
@@ -459,6 +733,7 @@ h3 { font-size:15px; margin:22px 0 8px; } h4 { font-size:12px; margin:12px 0 6px
 .card.ok .value { color:var(--ok); } .card.skipped .value { color:var(--skipped); } .card.failed .value { color:var(--failed); }
 .tables { display:grid; grid-template-columns:repeat(auto-fit,minmax(380px,1fr)); gap:16px; }
 .panel { padding:14px 18px; } .panel h3 { margin-top:0; }
+table.settings th { width:38%; } td.value { overflow-wrap:anywhere; }
 table { border-collapse:collapse; width:100%; } th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line); }
 th { color:var(--muted); font-weight:600; font-size:12px; } .num { text-align:right; font-variant-numeric:tabular-nums; }
 .pill { border-radius:999px; padding:1px 8px; font-size:12px; color:#fff; }
@@ -472,7 +747,9 @@ th { color:var(--muted); font-weight:600; font-size:12px; } .num { text-align:ri
 .thumb.failed .frame { border:2px solid var(--failed); } .thumb.skipped .frame { border:2px solid var(--skipped); }
 .frame img { display:block; max-width:100%; max-height:100%; } .frame a, .frame .nolink { display:contents; }
 .placeholder { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.05em; }
-figcaption { font-size:11px; color:var(--muted); white-space:nowrap; overflow:hidden; text-overflow:ellipsis; }
+figcaption span { display:block; font-size:11px; color:var(--muted); white-space:nowrap; overflow:hidden;
+                  text-overflow:ellipsis; }
+figcaption .id { color:var(--ink); font-variant-numeric:tabular-nums; }
 .note, .warning { background:#fff8e6; border:1px solid #f0d9a0; border-radius:8px; padding:8px 12px; }
 .warning ul { margin:4px 0 0; }
 """
@@ -499,13 +776,17 @@ def page_html(output_dir: Path, summary: dict, chart_svgs: list[str], sheet: str
 <div class="muted">{html.escape(str(output_dir))} · {source} · generated {generated}</div>
 {warnings_html(summary)}
 <div class="cards">{cards_html(summary)}</div>
+{timing_note(summary)}
+<h2>Run settings and cost</h2>
+<div class="tables"><div class="panel"><h3>Settings</h3>{settings_html(summary)}</div>
+<div class="panel"><h3>GPU time and cost</h3>{cost_html(summary)}</div></div>
 <h2>Workers and failures</h2>
 <div class="tables"><div class="panel"><h3>Per worker</h3>{workers_html(summary)}</div>
 <div class="panel"><h3>Failed and skipped</h3>{reasons_html(summary)}</div></div>
 <h2>Charts</h2>
 <div class="charts">{charts_block}</div>
 <h2>Contact sheet</h2>
-<p class="muted">Hover for prompt and seed; click for the full image.</p>
+<p class="muted">The row id is under each image; hover for prompt and seed; click for the full image.</p>
 {sheet}
 <script>{PAGE_SCRIPT}</script>
 </body></html>
@@ -519,11 +800,14 @@ def write_atomically(path: Path, write) -> None:
     os.replace(temp, path)
 
 
-def build_report(output_dir, merged: bool = False, thumb_size: int = 128, max_thumbs: int = 2000) -> dict:
+def build_report(output_dir, merged: bool = False, thumb_size: int = 128, max_thumbs: int = 2000,
+                 gpu_hour_cost: float | None = None) -> dict:
     """Write output_dir/report/index.html (and merged.parquet if asked); return the summary."""
     output_dir = Path(output_dir)
     table, ledger_count, unreadable = read_ledgers(output_dir)
-    summary = summarize(table) | {"ledgers": ledger_count, "unreadable": unreadable}
+    saved, settings_problem = read_folder_settings(output_dir)
+    summary = summarize(table, gpu_hour_cost, saved) | {"ledgers": ledger_count, "unreadable": unreadable,
+                                                         "settings_problem": settings_problem}
     sheet, summary["thumbnails"] = sheet_html(table, output_dir, thumb_size, max_thumbs)
     report_dir = output_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -543,10 +827,18 @@ def format_summary(summary: dict) -> str:
         top = summary[f"{status}_reasons"][:3]
         if top:
             lines.append(f"  top {status} reasons: " + "; ".join(f"{count}× {reason}" for reason, count in top))
-    lines.append(f"wall time {format_duration(summary['wall_s'])}, {format_rate(summary['images_per_s'])} images/s")
+    lines.append(f"wall time {format_duration(summary['wall_s'])} over {plural(summary['runs'], 'run')}, "
+                 f"{format_rate(summary['images_per_s'])} images/s")
     for worker in summary["workers"]:
-        lines.append(f"  {worker_label(worker)}: {worker['images']} images, "
-                     f"{format_rate(worker['images_per_s'])} images/s")
+        lines.append(f"  {worker_label(worker)}: {worker['images']} images, {format_rate(worker['images_per_s'])} "
+                     f"images/s over {format_duration(worker['wall_s'])} in {plural(worker['sessions'], 'session')}")
+    gpu = summary["gpu"]
+    lines += gpu["lines"]
+    if gpu["elsewhere"]:
+        lines.append("  not counted as GPU time: " + ", ".join(f"{count:,} ok images on {device}"
+                                                               for device, count in gpu["elsewhere"]))
+    if summary["settings_problem"]:
+        lines.append(summary["settings_problem"])
     for line in summary["unreadable"]:
         lines.append(f"skipped unreadable ledger {line}")
     lines.append(f"report: {summary['page']}")
@@ -560,7 +852,8 @@ def report_from_config(cfg) -> dict:
         output_dir = cfg.output_dir
     except MissingMandatoryValue:
         raise SdbatchError("Say which run to report on: python -m sdbatch.report output_dir=DIR.") from None
-    return build_report(output_dir, merged=cfg.merged, thumb_size=cfg.thumb_size, max_thumbs=cfg.max_thumbs)
+    return build_report(output_dir, merged=cfg.merged, thumb_size=cfg.thumb_size, max_thumbs=cfg.max_thumbs,
+                        gpu_hour_cost=cfg.gpu_hour_cost)
 
 
 @hydra.main(config_path="conf", config_name="report", version_base="1.3")

@@ -55,6 +55,11 @@ def seconds(value):
         return "must be a number of seconds above 0"
 
 
+def price(value):
+    if not is_number(value) or not math.isfinite(value) or value < 0:
+        return "must be a price per GPU-hour: a finite number of at least 0 (null for none)"
+
+
 def boolean(value):
     if not isinstance(value, bool):
         return "must be true or false"
@@ -151,6 +156,7 @@ RUN_RULES = {
     "steal": boolean,
     "max_prompt_chunks": whole(1),
     "progress": boolean,
+    "gpu_hour_cost": optional(price),
     "model.name": text,
     "model.family": choice("sd", "sdxl"),
     "model.path": optional(path),
@@ -164,7 +170,8 @@ RUN_RULES = {
     "scheduler.options": mapping,
 }
 IF_PRESENT = {"attention.kernel": choice(*SDPA_KERNELS), "attention.op": choice(*XFORMERS_OPS)}
-REPORT_RULES = {"output_dir": path, "merged": boolean, "thumb_size": whole(1), "max_thumbs": whole(0)}
+REPORT_RULES = {"output_dir": path, "merged": boolean, "thumb_size": whole(1), "max_thumbs": whole(0),
+                "gpu_hour_cost": optional(price)}
 MISSING_HINTS = {
     "prompts": "pass prompts=PATH to a Parquet file with a 'prompt' column",
     "output_dir": "say which run to report on: python -m sdbatch.report output_dir=DIR",

@@ -66,6 +66,8 @@ BAD = {  # override -> words of the problem
     "on_invalid=ignore": "on_invalid=ignore must be error | skip",
     "compile_mode=fast": "compile_mode=fast must be default |",
     "progress=yes": "progress=yes must be true or false",
+    "gpu_hour_cost=-1": "gpu_hour_cost=-1 must be a price per GPU-hour: a finite number of at least 0",
+    "gpu_hour_cost=nan": "gpu_hour_cost=nan must be a price per GPU-hour",
     "overwrite=1": "overwrite=1 must be true or false",
     "seed=1.5": "seed=1.5 must be a whole number",
     "output_dir=2024": "output_dir=2024 must be text (quote it: '2024')",
@@ -108,12 +110,16 @@ def test_random_weights_need_a_built_in_architecture():
 
 
 def test_report_settings():
-    cfg = OmegaConf.create({"output_dir": "out", "merged": "yes", "thumb_size": 0, "max_thumbs": -1})
+    cfg = OmegaConf.create({"output_dir": "out", "merged": "yes", "thumb_size": 0, "max_thumbs": -1,
+                            "gpu_hour_cost": -0.5})
     with pytest.raises(SdbatchError) as caught:
         settings.check_report(cfg)
     assert str(caught.value) == ("Invalid settings: merged=yes must be true or false; thumb_size=0 must be at least 1; "
-                                 "max_thumbs=-1 must be at least 0.")
-    settings.check_report(OmegaConf.create({"output_dir": "out", "merged": True, "thumb_size": 64, "max_thumbs": 0}))
+                                 "max_thumbs=-1 must be at least 0; gpu_hour_cost=-0.5 must be a price per GPU-hour: "
+                                 "a finite number of at least 0 (null for none).")
+    for price in (None, 0, 2.49):
+        settings.check_report(OmegaConf.create({"output_dir": "out", "merged": True, "thumb_size": 64,
+                                                "max_thumbs": 0, "gpu_hour_cost": price}))
 
 
 # ---------------------------------------------------------------- steps: the model's schedule, the scheduler's limit
