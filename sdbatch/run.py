@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from sdbatch import EXIT_INTERRUPTED, SdbatchError, attention, settings
 from sdbatch.batcher import Batcher, ShardQueue
+from sdbatch.cost import DEVICE_STAGES, cost_lines
 from sdbatch.lease import Heartbeat, Holder, remove_tree
 from sdbatch.ledger import ROW_INDEX, folder_shards, key_extras, open_folder, saved_settings
 from sdbatch.manifest import Defaults, ImageJob, Manifest
@@ -404,6 +405,9 @@ def print_summary(job: Job, wall_s: float) -> None:
            else ""),
         f"  stage time: {shares}",
     ]
+    on_gpu = job.ctx.ledger_fields.get("device", "").startswith("cuda")
+    gpu_seconds = sum(job.seconds[s] for s in DEVICE_STAGES) if on_gpu else 0.0
+    lines += [f"  {line}" for line in cost_lines(c["ok"], gpu_seconds, job.ctx.cfg.gpu_hour_cost)]
     if c["skipped"]:
         named = ", ".join(job.ctx.skipped_names[:5]) + (", ..." if c["skipped"] > 5 else "")
         lines.append(f"  {c['skipped']} invalid row(s) recorded as skipped ({named}); the ledger's reason column "
