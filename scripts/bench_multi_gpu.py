@@ -1,13 +1,16 @@
-"""Several GPUs of one machine: the same `python -m sdbatch` command on one GPU and on all of them, then as two
-"array tasks" (worker_index 0 and 1, one GPU each); images/s, each GPU's share, exactly-once output.
+"""Several GPUs of one machine: the same `python -m sdbatch` command on one GPU and on all of them
+(`processes=auto`), then as one "array task" per GPU (worker_index i of n, one GPU each); steady images/s against
+one GPU, each physical GPU's share, the time until every GPU renders, exactly-once output and equal pixels.
 
-    python scripts/bench_multi_gpu.py --images 256 --out docs/benchmarks/multi-gpu-h200.json
+    python scripts/bench_multi_gpu.py --images 384 --out docs/benchmarks/multi-gpu-h100-x2.json
 
-On a one-GPU machine the "all GPUs" run is the one-GPU run again and both array tasks share the GPU.
+Shards hold `--shard-size` rows (default: enough for several full batches per worker), and batches fill across
+shards, so every UNet call is full. On a one-GPU machine the "all GPUs" run is the one-GPU run again.
 """
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 def render(out: Path, manifest: Path, args, gpus: str, *extra: str, background: bool = False):
     command = [sys.executable, "-m", "sdbatch", f"prompts={manifest}", f"output_dir={out}", f"model={args.model}",
                "model.random_weights=true", f"batch_size={args.batch}", f"steps={args.steps}", "progress=false",
-               f"shard_size={max(1, args.images // 16)}",  # 16 shards, so every worker has some
-               f"compile={str(args.compile).lower()}", *extra]
+               f"shard_size={args.shard_size}", f"attention={args.attention}", f"compile={str(args.compile).lower()}",
+               *extra]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
     process = subprocess.Popen(command, cwd=REPO, env=env)
     return process if background else process.wait()
@@ -43,14 +46,18 @@ def measure(name: str, out: Path, started: float, images: int, batch: int) -> di
     assert len(keys) == len(set(keys)) == images, f"{name}: {len(keys)} ledger rows, {len(set(keys))} distinct"
     assert all(r["status"] == "ok" and (out / r["image_path"]).exists() for r in rows), f"{name}: missing images"
     finished = sorted(r["finished_at"].timestamp() for r in rows)
-    shares = {}
+    shares, first = {}, {}
     for r in rows:
         worker = f"worker {r['worker_index']} on {r['device']}"
         shares[worker] = shares.get(worker, 0) + 1
-    first_batches = len(shares) * batch  # each worker's first batch carries its load and compile time
+        first[worker] = min(first.get(worker, math.inf), r["finished_at"].timestamp())
+    first_batches = len(shares) * batch  # each worker's first batch carries its load and warm-up time
     steady = (images - first_batches) / (finished[-1] - finished[first_batches - 1])
-    return {"name": name, "images": images, "wall_s": finished[-1] - started, "images_per_s_wall": images / (finished[-1] - started),
-            "images_per_s_steady": steady, "share": shares}
+    batches = sorted({(r["worker_index"], r["batch_size"]) for r in rows})
+    return {"name": name, "images": images, "wall_s": finished[-1] - started,
+            "images_per_s_wall": images / (finished[-1] - started), "images_per_s_steady": steady,
+            "share": shares, "first_image_s": {w: t - started for w, t in first.items()},
+            "all_gpus_rendering_after_s": max(first.values()) - started, "batch_sizes": batches}
 
 
 def same_images(a: Path, b: Path) -> dict:
@@ -70,6 +77,8 @@ def main():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--attention", default="sdpa")
+    parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--work", default="/tmp/sdbatch-multi-gpu")
     parser.add_argument("--out", default="docs/benchmarks/multi-gpu-h200.json")
     args = parser.parse_args()
@@ -87,15 +96,17 @@ def main():
         assert render(work / folder, manifest, args, gpus) == 0, name
         report["runs"].append(measure(name, work / folder, start, args.images, args.batch))
         print(report["runs"][-1], flush=True)
-    tasks_out = work / "two_array_tasks"
+    tasks_out = work / "array_tasks"
     start = time.time()
-    tasks = [render(tasks_out, manifest, args, str(i % count), f"worker_index={i}", "num_workers=2", background=True)
-             for i in range(2)]
-    assert [t.wait() for t in tasks] == [0, 0]
-    report["runs"].append(measure("two array tasks", tasks_out, start, args.images, args.batch))
-    report["same_images_as_one_gpu"] = same_images(work / "one_gpu", tasks_out)
-    one, many = report["runs"][0], report["runs"][1]
-    report["scaling_steady"] = many["images_per_s_steady"] / one["images_per_s_steady"]
+    tasks = [render(tasks_out, manifest, args, str(i), f"worker_index={i}", f"num_workers={count}", background=True)
+             for i in range(count)]
+    assert [t.wait() for t in tasks] == [0] * count
+    report["runs"].append(measure(f"{count} array tasks", tasks_out, start, args.images, args.batch))
+    print(report["runs"][-1], flush=True)
+    report["same_images_as_one_gpu"] = {"processes=auto": same_images(work / "one_gpu", work / "all_gpus"),
+                                        "array tasks": same_images(work / "one_gpu", tasks_out)}
+    one = report["runs"][0]["images_per_s_steady"]
+    report["scaling_steady"] = {run["name"]: run["images_per_s_steady"] / one for run in report["runs"][1:]}
     print(json.dumps(report, indent=1, default=str))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))
