@@ -56,45 +56,68 @@ def measure(name: str, out: Path, started: float, images: int, batch: int) -> di
     batches = sorted({(r["worker_index"], r["batch_size"]) for r in rows})
     return {"name": name, "images": images, "wall_s": finished[-1] - started,
             "images_per_s_wall": images / (finished[-1] - started), "images_per_s_steady": steady,
-            "share": shares, "first_image_s": {w: t - started for w, t in first.items()},
+            "images_per_s_all_rendering": all_rendering_rate(rows), "share": shares,
+            "first_image_s": {w: t - started for w, t in first.items()},
             "all_gpus_rendering_after_s": max(first.values()) - started, "batch_sizes": batches}
 
 
+def all_rendering_rate(rows: list[dict]) -> float:
+    """Images/s while every worker renders: from the moment the last worker finished its first batch to the moment
+    the first worker finished its last one (the start-up and the end's uneven tail left out)."""
+    by_worker = {}
+    for r in rows:
+        by_worker.setdefault(r["worker_index"], []).append(r["finished_at"].timestamp())
+    begin = max(min(times) for times in by_worker.values())
+    end = min(max(times) for times in by_worker.values())
+    done = sum(begin < t <= end for times in by_worker.values() for t in times)
+    return done / (end - begin) if end > begin else float("nan")
+
+
 def same_images(a: Path, b: Path) -> dict:
-    rows_a = {(r["id"], r["image_index"]): r for r in ledger(a)}
-    worst = 0
-    for key, row in {(r["id"], r["image_index"]): r for r in ledger(b)}.items():
-        assert row["content_key"] == rows_a[key]["content_key"], key
-        pa_, pb = (np.asarray(Image.open(d / r["image_path"]), dtype=int) for d, r in ((a, rows_a[key]), (b, row)))
-        worst = max(worst, int(np.abs(pa_ - pb).max()))
-    return {"compared": len(rows_a), "max_pixel_difference": worst}
+    """The largest pixel difference between the images both folders hold (the one-GPU run's rows)."""
+    rows_b = {(r["id"], r["image_index"]): r for r in ledger(b)}
+    worst, compared = 0, 0
+    for row in ledger(a):
+        other = rows_b[(row["id"], row["image_index"])]
+        assert row["content_key"] == other["content_key"], row["id"]
+        pa_, pb = (np.asarray(Image.open(d / r["image_path"]), dtype=int) for d, r in ((a, row), (b, other)))
+        worst, compared = max(worst, int(np.abs(pa_ - pb).max())), compared + 1
+    return {"compared": compared, "max_pixel_difference": worst}
+
+
+def write_catalog(path: Path, images: int) -> None:
+    """Rows sku-00000... : the baseline's rows are the first rows of the bigger catalog (same pixels to compare)."""
+    pq.write_table(pa.table({"id": [f"sku-{i:05d}" for i in range(images)],
+                             "prompt": [f"studio photo of product {i}, white background" for i in range(images)]}), path)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd15")
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images", type=int, default=768, help="images of the multi-GPU runs")
+    parser.add_argument("--images-one-gpu", type=int, default=256, help="images of the one-GPU baseline (a rate)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--attention", default="sdpa")
-    parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=32, help="rows per shard: small enough to steal at the end")
     parser.add_argument("--work", default="/tmp/sdbatch-multi-gpu")
     parser.add_argument("--out", default="docs/benchmarks/multi-gpu-h200.json")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    manifest = work / "catalog.parquet"
-    pq.write_table(pa.table({"id": [f"sku-{i:05d}" for i in range(args.images)],
-                             "prompt": [f"studio photo of product {i}, white background" for i in range(args.images)]}),
-                   manifest)
+    manifest, baseline = work / "catalog.parquet", work / "catalog-one-gpu.parquet"
+    write_catalog(manifest, args.images)
+    write_catalog(baseline, args.images_one_gpu)
     count = torch.cuda.device_count()
     all_gpus = ",".join(str(i) for i in range(count))
     report = {"gpus": [torch.cuda.get_device_name(i) for i in range(count)], "command": " ".join(sys.argv), "runs": []}
-    for name, folder, gpus in (("one GPU", "one_gpu", "0"), (f"{count} GPUs, processes=auto", "all_gpus", all_gpus)):
+    for name, folder, gpus, catalog, images in (("one GPU", "one_gpu", "0", baseline, args.images_one_gpu),
+                                                (f"{count} GPUs, processes=auto", "all_gpus", all_gpus, manifest,
+                                                 args.images)):
         start = time.time()
-        assert render(work / folder, manifest, args, gpus) == 0, name
-        report["runs"].append(measure(name, work / folder, start, args.images, args.batch))
+        assert render(work / folder, catalog, args, gpus) == 0, name
+        report["runs"].append(measure(name, work / folder, start, images, args.batch))
         print(report["runs"][-1], flush=True)
     tasks_out = work / "array_tasks"
     start = time.time()
@@ -105,8 +128,11 @@ def main():
     print(report["runs"][-1], flush=True)
     report["same_images_as_one_gpu"] = {"processes=auto": same_images(work / "one_gpu", work / "all_gpus"),
                                         "array tasks": same_images(work / "one_gpu", tasks_out)}
-    one = report["runs"][0]["images_per_s_steady"]
-    report["scaling_steady"] = {run["name"]: run["images_per_s_steady"] / one for run in report["runs"][1:]}
+    one = report["runs"][0]
+    report["scaling_steady"] = {run["name"]: run["images_per_s_steady"] / one["images_per_s_steady"]
+                                for run in report["runs"][1:]}
+    report["scaling_all_rendering"] = {run["name"]: run["images_per_s_all_rendering"] / one["images_per_s_steady"]
+                                       for run in report["runs"][1:]}
     print(json.dumps(report, indent=1, default=str))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))
