@@ -86,9 +86,10 @@ class Renderer:
         return BatchResult(pixels, failures, cond.truncated[:len(jobs)], seconds, [len(padded)] * len(jobs))
 
     def batch_key(self, job: ImageJob) -> tuple:
-        """batch_key plus the text windows the job fills: batched only with jobs of the same count, an image's text
-        conditioning never gets padding for a longer prompt of another row (so it does not depend on its batch)."""
-        return (*batch_key(job), self.text_chunks(job), job.adapter)
+        """batch_key plus the job's LoRA (a batch never mixes adapters) and the text windows it fills: batched only
+        with jobs of the same count, an image's text conditioning never gets padding for a longer prompt of another
+        row (so it does not depend on its batch)."""
+        return (*batch_key(job), job.adapter, self.text_chunks(job))
 
     def text_chunks(self, job: ImageJob) -> int:
         return self.windows(job.prompt, job.negative_prompt, job.guidance_scale)

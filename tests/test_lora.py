@@ -291,3 +291,17 @@ def test_fused_projections_and_run_level_fusing_keep_the_lora(loras, unet_call):
     assert not any("lora" in name for name, _ in merged.unet.named_parameters())  # plain weights for compile
     got = unet_call(merged)
     assert torch.allclose(got[0], want[0], atol=1e-4) and torch.allclose(got[1], want[1], atol=1e-4)
+
+
+def test_bench_lora_smoke(tmp_path):
+    """scripts/bench_lora.py runs on a CPU with the tiny model (its numbers mean nothing there)."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    out = tmp_path / "lora.json"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_lora.py"), "--model", "tiny", "--steps", "2",
+                           "--switches", "3", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["eager"] and all(rows[0][k] > 0 for k in ("base_ms", "lora_ms", "switch_ms"))
+    assert "| eager |" in done.stdout
