@@ -14,6 +14,7 @@ from sdbatch import SdbatchError
 log = logging.getLogger("sdbatch")
 CACHE_SIZE = 8  # per-row adapters kept loaded at once; the least recently used one goes first
 SLOT = "sdbatch_slot"  # the compiled UNet's one adapter, whose weights each row's LoRA is copied into
+UNSURE = ("unsure",)  # Adapters.active after a failed load or an unload: the next activate switches
 
 
 class LoraError(Exception):
@@ -74,7 +75,8 @@ class Adapters:
         for name, module in self.model.unet.named_modules():
             if name in shapes:
                 self.slot_params[name] = (module.lora_A[SLOT].weight, module.lora_B[SLOT].weight)
-        self.model.unet.to(self.model.device, self.model.dtype)
+        with quiet():
+            self.model.unet.to(self.model.device, self.model.dtype)
         self._fill({}, 1.0)
         log.info("per-row LoRAs: the compiled UNet has one adapter slot over %d layers at rank %d; a switch copies "
                  "weights into it (no recompiling)", len(shapes), rank)
@@ -88,7 +90,7 @@ class Adapters:
         key = None if adapter is None else (job.lora, job.lora_sha256)
         if key in self.failed:
             raise LoraError(self.failed[key])
-        loaded = None
+        self.active, loaded = UNSURE, None
         if key is not None:
             try:
                 loaded = self.load(*key)
@@ -162,7 +164,7 @@ class Adapters:
     def unload(self, key, loaded: Loaded) -> None:
         remove_adapter(self.model, loaded.name, loaded.unet, loaded.encoders)
         if self.active is not None and self.active[0] == key[1]:
-            self.active = "unloaded"  # forces the next activate to switch
+            self.active = UNSURE
 
 
 # ---------------------------------------------------------------- loading
