@@ -229,6 +229,26 @@ def test_skipped_and_misfit_lora_rows_let_the_run_go_on(tmp_path, loras):
     assert "does not fit model tiny" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_folder_from_before_loras_renders_nothing_again(tmp_path, make_cfg, capsys):
+    """A ledger written before the lora columns existed (and its plan) still reads; nothing is rendered again."""
+    import pyarrow.parquet as pq
+    from sdbatch.lease import remove_tree
+    from sdbatch.run import run
+    path = write_manifest(tmp_path / "catalog.parquet", {"id": ["x", "y"], "prompt": ["a red cat", "a blue dog"]})
+    cfg = make_cfg(f"prompts={path}")
+    assert run(cfg) == 0
+    out = tmp_path / "out"
+    ledger = out / "ledger" / "shard-00000.parquet"
+    pq.write_table(pq.read_table(ledger).drop_columns(["lora", "lora_scale"]), ledger)
+    remove_tree(out / "plans")  # plans of an older sdbatch have another plan format
+    capsys.readouterr()
+    assert run(cfg) == 0
+    assert "0 images rendered" in capsys.readouterr().out
+    rows = read_ledgers(out)
+    assert [(r["id"], r["lora"], r["lora_scale"], r["status"]) for r in rows] == [
+        ("x", None, None, "ok"), ("y", None, None, "ok")]
+
+
 # ---------------------------------------------------------------- switching, in process
 @pytest.fixture
 def unet_call():
@@ -291,6 +311,12 @@ def test_fused_projections_and_run_level_fusing_keep_the_lora(loras, unet_call):
     assert not any("lora" in name for name, _ in merged.unet.named_parameters())  # plain weights for compile
     got = unet_call(merged)
     assert torch.allclose(got[0], want[0], atol=1e-4) and torch.allclose(got[1], want[1], atol=1e-4)
+
+    from sdbatch import SdbatchError
+    with pytest.raises(SdbatchError, match=r"lora\[1\]\.path=.*misfit.safetensors: the LoRA .* does not fit model "
+                                           r"tiny: size mismatch"):
+        lora.fuse_run_loras(tiny_model(), [{"path": str(loras["B"]), "scale": 1.0},
+                                           {"path": str(loras["misfit"]), "scale": 1.0}])
 
 
 def test_bench_lora_smoke(tmp_path):
