@@ -26,7 +26,7 @@ from sdbatch.models import load_model, model_revision
 from sdbatch.plan import num_shards_for, open_plan
 from sdbatch.render import BatchResult, Renderer
 from sdbatch.shard import Context, Shard
-from sdbatch.weights import lora_fingerprint, lora_problem
+from sdbatch.weights import LoraFiles, lora_fingerprint, lora_problem
 from sdbatch.workers import local_worker, resolve_worker
 from sdbatch.writer import ImageFormat, ImageWriter, a1111_parameters, image_name
 
@@ -371,32 +371,14 @@ def run_level_loras(items) -> list[dict]:
     """The run's `lora` setting as [{path, scale, sha256}], each file checked (settings.check checked the shape)."""
     loras = []
     for i, item in enumerate(OmegaConf.to_container(items) if items is not None else []):
-        path, scale = str(item["path"]), float(item.get("scale", 1.0) if item.get("scale") is not None else 1.0)
+        path, scale = str(item["path"]), item.get("scale")
+        scale = 1.0 if scale is None else float(scale)
         problem = lora_problem(path)
         if problem:
             raise SdbatchError(f"lora[{i}].path={path}: the file {problem}. Point it at a LoRA .safetensors file "
                                "(diffusers/PEFT or kohya layout), or remove it from `lora`.")
         loras.append({"path": path, "scale": scale, "sha256": lora_fingerprint(path)})
     return loras
-
-
-class LoraFiles:
-    """The manifest's LoRA files, each checked and fingerprinted once per run (on first use)."""
-
-    def __init__(self):
-        self.problems: dict = {}
-        self.fingerprints: dict = {}
-
-    def problem(self, path: str) -> str | None:
-        if path not in self.problems:
-            self.problems[path] = lora_problem(path)
-        return self.problems[path]
-
-    def state(self, path: str) -> str | None:
-        """The file's fingerprint, or None when it cannot be used."""
-        if path not in self.fingerprints:
-            self.fingerprints[path] = None if self.problem(path) else lora_fingerprint(path)
-        return self.fingerprints[path]
 
 
 # ---------------------------------------------------------------- stopping and the summary

@@ -306,3 +306,22 @@ def lora_problem(path: str) -> str | None:
 def lora_fingerprint(path: str) -> str:
     """What identifies a LoRA file in content keys: a fingerprint of its content (not its name, place or mtime)."""
     return fingerprint(Path(path).expanduser(), named=False)[:16]
+
+
+class LoraFiles:
+    """The manifest's LoRA files, each checked and fingerprinted once per run (on first use)."""
+
+    def __init__(self):
+        self.problems: dict = {}
+        self.fingerprints: dict = {}
+
+    def problem(self, path: str) -> str | None:
+        if path not in self.problems:
+            self.problems[path] = lora_problem(path)
+        return self.problems[path]
+
+    def state(self, path: str) -> str | None:
+        """The file's fingerprint, or None when it cannot be used."""
+        if path not in self.fingerprints:
+            self.fingerprints[path] = None if self.problem(path) else lora_fingerprint(path)
+        return self.fingerprints[path]
