@@ -212,6 +212,21 @@ def test_bad_lora_rows_exit_2_naming_them(tmp_path, loras):
     assert shape.returncode == 2 and "lora=[{'scale': 2}] must be a list of {path:" in shape.stderr
 
 
+def test_wrongly_typed_lora_columns_make_their_rows_invalid(tmp_path):
+    from sdbatch.manifest import Manifest, Problems, record_problems
+    path = write_manifest(tmp_path / "catalog.parquet", {
+        "id": ["n", "t", "plain"], "prompt": [PROMPT] * 3, "lora": pa.array([3, None, None], pa.int64()),
+        "lora_scale": pa.array(["0.5", "high", None], pa.string())})
+    problems = Problems()
+    for _, rows in Manifest(path).chunks():
+        record_problems(rows, problems)
+        assert rows.column("reason").to_pylist()[2] is None
+    message = problems.message(str(path))
+    assert "1 row has a lora that is not text (the column holds int64) (column 'lora', ids: n)" in message
+    assert "2 rows have a lora_scale that is not a number (the column holds string) (column 'lora_scale', ids: n, t)" \
+        in message
+
+
 def test_skipped_and_misfit_lora_rows_let_the_run_go_on(tmp_path, loras):
     write_manifest(tmp_path / "catalog.parquet", {
         "id": ["plain", "gone", "misfit", "a"], "prompt": [PROMPT] * 4,
