@@ -18,7 +18,7 @@ CORE_SCHEMA = pa.schema([
     ("id", pa.string()), ("image_index", pa.int64()), ("seed", pa.int64()),
     ("prompt", pa.string()), ("negative_prompt", pa.string()),
     ("width", pa.int64()), ("height", pa.int64()), ("steps", pa.int64()), ("guidance_scale", pa.float64()),
-    ("content_key", pa.string()), ("image_path", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+    ("lora", pa.string()), ("lora_scale", pa.float64()), ("content_key", pa.string()), ("image_path", pa.string()), ("status", pa.string()), ("reason", pa.string()),
     ("truncated", pa.bool_()), ("attention_backend", pa.string()), ("attention_detail", pa.string()),
     ("model", pa.string()), ("scheduler", pa.string()),
     ("shard", pa.int64()), ("worker_index", pa.int64()), ("num_workers", pa.int64()), ("device", pa.string()),
@@ -47,10 +47,12 @@ FIRST_SCHEDULER_OPTIONS = {  # what the first sdbatch shipped for each scheduler
 }
 
 
-def key_extras(dtype: str, scheduler: str, scheduler_options: dict, image_format: dict) -> dict:
+def key_extras(dtype: str, scheduler: str, scheduler_options: dict, image_format: dict,
+               loras: list | None = None) -> dict:
     """The pixel-deciding settings the first sdbatch's content keys left out, where they differ from its values
-    (it rendered in fp16 on GPUs, with the scheduler options it shipped, into PNG files)."""
-    extras = {}
+    (it rendered in fp16 on GPUs, with the scheduler options it shipped, into PNG files, without LoRAs). `loras`:
+    the run-level LoRAs as [{"sha256": fingerprint, "scale": scale}]."""
+    extras = {"lora": list(loras)} if loras else {}
     if image_format["name"] != "png":
         extras["image_format"] = image_format
     if dtype != "fp16":
@@ -155,6 +157,8 @@ def _show(value) -> str:
     """An extras value as it reads in a message: the default of the first sdbatch when it is absent."""
     if value is None:
         return "(default)"
+    if isinstance(value, list) and all(isinstance(v, dict) and "sha256" in v for v in value):  # run-level LoRAs
+        return "[" + ", ".join(f"sha256:{v['sha256']} scale {v['scale']:g}" for v in value) + "]"
     if isinstance(value, dict) and "name" in value:
         return repr(value["name"]) + "".join(f", {k} {v!r}" for k, v in value.items() if k != "name")
     return repr(value)

@@ -18,7 +18,8 @@ import pyarrow.dataset as ds
 from sdbatch import SdbatchError
 from sdbatch.ledger import CORE_COLUMNS
 
-KNOWN_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "num_images")
+KNOWN_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "num_images",
+                 "lora", "lora_scale")
 TEXT_COLUMNS = ("negative_prompt",)
 WHOLE_NUMBER_COLUMNS = ("seed", "width", "height", "steps", "num_images")
 MAX_LISTED = 10
@@ -27,7 +28,8 @@ CHUNK_ROWS = 262_144  # rows read at a time: bounds memory whatever the manifest
 ROW_COLUMNS = pa.schema([  # every plan row has these, then the passthrough columns
     ("row", pa.int64()), ("id", pa.string()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
     ("seed", pa.int64()), ("width", pa.int64()), ("height", pa.int64()), ("steps", pa.int64()),
-    ("guidance_scale", pa.float64()), ("num_images", pa.int64()), ("reason", pa.string()),
+    ("guidance_scale", pa.float64()), ("num_images", pa.int64()), ("lora", pa.string()), ("lora_scale", pa.float64()),
+    ("reason", pa.string()),
 ])
 
 
@@ -58,6 +60,14 @@ class ImageJob:
     shard: int = 0
     content_key: str = ""
     row: int = 0  # its row among the shard's plan rows
+    lora: str | None = None  # the row's LoRA file, as the manifest gives it
+    lora_scale: float | None = None  # its scale (1.0 for a null lora_scale); None without a LoRA
+    lora_sha256: str | None = None  # the file's fingerprint (weights.lora_fingerprint)
+
+    @property
+    def adapter(self) -> tuple | None:
+        """What decides the row's LoRA: (fingerprint, scale), or None without one."""
+        return None if self.lora is None else (self.lora_sha256, self.lora_scale)
 
 
 def derive_seed(run_seed: int, row_id: str) -> int:
@@ -182,6 +192,7 @@ class Manifest:
             columns[name] = _whole_numbers(table, name, bad)
         self._within_limits(columns, bad)
         columns["guidance_scale"] = _guidance(table, bad)
+        columns["lora"], columns["lora_scale"] = _lora(table, bad)
         _check_seeds(columns["seed"], columns["num_images"], table, bad)
         columns["reason"] = bad.reasons()
         normal = pa.table(columns, schema=ROW_COLUMNS)
@@ -299,8 +310,8 @@ def _is_number(arrow_type: pa.DataType) -> bool:
 
 
 def _type_fits(name: str, arrow_type: pa.DataType) -> bool:
-    if name == "prompt" or pa.types.is_null(arrow_type):
-        return True  # a non-text prompt makes its rows invalid rather than the file
+    if name in ("prompt", "lora", "lora_scale") or pa.types.is_null(arrow_type):
+        return True  # a wrongly typed prompt or LoRA cell makes its rows invalid rather than the file
     if name == "id":
         return _is_text(arrow_type) or _is_number(arrow_type)
     if name in TEXT_COLUMNS:
@@ -457,6 +468,33 @@ def _guidance(table: pa.Table, bad: _BadRows) -> pa.Array:
     return pc.if_else(pa.array(finite), column, None)
 
 
+def _lora(table: pa.Table, bad: _BadRows) -> tuple[pa.Array, pa.Array]:
+    """The LoRA path (text) and its scale (a finite number); a scale needs a path."""
+    count = table.num_rows
+    path, scale = _column(table, "lora"), _column(table, "lora_scale")
+    if path is None or pa.types.is_null(path.type):
+        path = pa.nulls(count, pa.string())
+    elif not _is_text(path.type):
+        bad.mark(~_nulls(path), f"lora is not text (the column holds {path.type})")
+        path = pa.nulls(count, pa.string())
+    else:
+        path = _valid_utf8(path, bad, "lora is not valid UTF-8")
+        blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(path)), 0), False)
+        bad.mark(blank.to_numpy(zero_copy_only=False), "lora is empty")
+    if scale is None or pa.types.is_null(scale.type):
+        scale = pa.nulls(count, pa.float64())
+    elif not _is_number(scale.type):
+        bad.mark(~_nulls(scale), f"lora_scale is not a number (the column holds {scale.type})")
+        scale = pa.nulls(count, pa.float64())
+    else:
+        scale = scale.cast(pa.float64())
+        finite = np.isfinite(pc.fill_null(scale, 0.0).to_numpy(zero_copy_only=False))
+        bad.mark(~finite & ~_nulls(scale), "lora_scale is not a finite number")
+        scale = pc.if_else(pa.array(finite), scale, None)
+    bad.mark(~_nulls(scale) & _nulls(path) & ~bad.mask, "lora_scale without a lora")
+    return path, scale
+
+
 def _check_seeds(seeds: pa.Array, counts: pa.Array, table: pa.Table, bad: _BadRows) -> None:
     """seed + num_images - 1 must still fit in int64."""
     seed = pc.fill_null(seeds, 0).to_numpy(zero_copy_only=False)
@@ -504,7 +542,14 @@ PROBLEM_WORDING = {
     "seed is negative, not whole, or too big for 64 bits": (
         "seed", "a seed that is negative, not whole, or too big for its images' seeds to fit in 64 bits"),
     "guidance_scale is not a finite number": ("guidance_scale", "a guidance_scale that is not a finite number"),
+    "lora is not valid UTF-8": ("lora", "a lora that is not valid UTF-8"),
+    "lora is empty": ("lora", "an empty lora (write null for none)"),
+    "lora_scale is not a finite number": ("lora_scale", "a lora_scale that is not a finite number"),
+    "lora_scale without a lora": ("lora_scale", "a lora_scale but no lora (the scale needs a LoRA file)"),
 }
+TYPE_PROBLEMS = {"prompt is not text": ("prompt", "a prompt that is not text"),
+                 "lora is not text": ("lora", "a lora that is not text"),
+                 "lora_scale is not a number": ("lora_scale", "a lora_scale that is not a number")}
 
 
 def _wording(reason: str) -> tuple[str, str]:
@@ -525,12 +570,34 @@ def record_problems(rows: pa.Table, problems: Problems) -> None:
         for reason in reasons.split("; "):
             by_reason.setdefault(reason, []).append(name)
     for reason, listed in by_reason.items():
-        if reason.startswith("prompt is not text"):
-            problems.add(reason, "prompt", f"a prompt that is not text{reason.removeprefix('prompt is not text')}",
-                         listed)
+        typed = next((start for start in TYPE_PROBLEMS if reason.startswith(start)), None)
+        if typed:
+            column, what = TYPE_PROBLEMS[typed]
+            problems.add(reason, column, what + reason.removeprefix(typed), listed)
             continue
         column, what = PROBLEM_WORDING.get(reason) or _wording(reason)
         listed_as = "row numbers" if reason == "null id" else "ids"
         if reason == "null id":
             listed = [name.removeprefix("row ") for name in listed]
         problems.add(reason, column, what, listed, listed_as)
+
+
+def count_loras(rows: pa.Table, tally: dict) -> None:
+    """Add a chunk's valid rows to {LoRA path: [rows, first few row names]}: the distinct files a manifest uses."""
+    valid = rows.filter(pc.and_(pc.is_null(rows.column("reason")), pc.is_valid(rows.column("lora"))))
+    for name, path in zip(labels(valid), valid.column("lora").to_pylist()):
+        entry = tally.setdefault(path, [0, []])
+        entry[0] += 1
+        if len(entry[1]) < MAX_LISTED:
+            entry[1].append(name)
+
+
+def lora_problems(loras: dict, problem_of) -> Problems:
+    """The rows whose LoRA file cannot be used, one kind per file: problem_of(path) says why, or None."""
+    problems = Problems()
+    for path, (count, names) in loras.items():
+        problem = problem_of(path)
+        if problem:
+            problems.add(f"lora file {problem}: {path}", "lora", f"a lora file that {problem} ({path})", names)
+            problems.kinds[f"lora file {problem}: {path}"].count = count
+    return problems

@@ -177,11 +177,17 @@ def dummy_vae_call(model: Model, batch: int, width: int, height: int) -> None:
 
 
 def fuse_projections(model: Model) -> None:
-    """Fuse Q/K/V (self-attention) and K/V (cross-attention) weights into single matmuls."""
+    """Fuse Q/K/V (self-attention) and K/V (cross-attention) weights into single matmuls; not where a projection
+    carries a LoRA adapter (the fused matmul would skip it)."""
     for module in list(model.unet.modules()) + list(model.vae.modules()):
-        if isinstance(module, Attention):
+        if isinstance(module, Attention) and not has_adapter(module):
             module.fuse_projections(fuse=True)
             module.fused_projections = True
+
+
+def has_adapter(attention: Attention) -> bool:
+    """A peft layer (LoRA) wraps one of the attention's Q/K/V projections."""
+    return any(hasattr(getattr(attention, name, None), "base_layer") for name in ("to_q", "to_k", "to_v"))
 
 
 # ---------------------------------------------------------------- loading

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 
 from sdbatch import SdbatchError
 from sdbatch.lease import Heartbeat, Holder, Lease, remove_tree
-from sdbatch.manifest import Manifest, Problems, labels, record_problems
+from sdbatch.manifest import Manifest, Problems, count_loras, labels, record_problems
 
 log = logging.getLogger("sdbatch")
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 2: rows carry lora and lora_scale; plan.json lists the LoRA files
 ROW_GROUP_ROWS = 4096  # small row groups: reading one shard touches little of each part
 PLAN_FILE = "plan.json"
 OLD_PLAN_S = 7 * 24 * 3600  # plans made this long ago are deleted by the next planner (a rerun of one remakes it)
@@ -90,6 +90,11 @@ class Plan:
     @property
     def passthrough(self) -> list[str]:
         return self.meta["passthrough"]
+
+    @property
+    def loras(self) -> dict:
+        """{LoRA path: [valid rows using it, their first few names]} over the whole manifest."""
+        return self.meta.get("loras", {})
 
     def rows(self, shard: int) -> pa.Table:
         """The shard's rows in manifest order, with `reason` set on rows that are invalid."""
@@ -152,10 +157,11 @@ def build(manifest: Manifest, num_shards: int, folder: Path) -> dict:
     problems = Problems()
     images = np.zeros(num_shards, dtype=np.int64)
     skipped = np.zeros(num_shards, dtype=np.int64)
-    digests, started = [], time.monotonic()
+    digests, loras, started = [], {}, time.monotonic()
     for part, (_, rows) in enumerate(manifest.chunks()):
         shard, digest = shards_of(rows, num_shards)
         record_problems(rows, problems)
+        count_loras(rows, loras)
         valid = rows.column("reason").is_null().to_numpy(zero_copy_only=False)
         counts = pc.fill_null(rows.column("num_images"), 1).to_numpy(zero_copy_only=False)
         images += np.bincount(shard[valid].astype(np.int64), weights=counts[valid], minlength=num_shards).astype(np.int64)
@@ -173,7 +179,7 @@ def build(manifest: Manifest, num_shards: int, folder: Path) -> dict:
     return {"format": PLAN_FORMAT, "manifest": manifest.path, "num_rows": manifest.num_rows,
             "num_shards": num_shards, "passthrough": list(manifest.passthrough.values()),
             "images_per_shard": images.tolist(), "skipped_per_shard": skipped.tolist(),
-            "problems": problems.to_json()}
+            "problems": problems.to_json(), "loras": loras}
 
 
 def _add_duplicates(plan: Plan, digests: np.ndarray, num_shards: int, problems: Problems) -> None:

@@ -37,12 +37,15 @@ def make_scheduler(scheduler_cfg, model_scheduler_config: dict):
 
 
 class Renderer:
-    def __init__(self, model: Model, scheduler_cfg, pad_to: int | None = None, max_prompt_chunks: int = MAX_PROMPT_CHUNKS):
+    def __init__(self, model: Model, scheduler_cfg, pad_to: int | None = None, max_prompt_chunks: int = MAX_PROMPT_CHUNKS,
+                 adapters=None):
         self.model, self.scheduler_cfg, self.pad_to = model, scheduler_cfg, pad_to
         self.max_prompt_chunks = max_prompt_chunks
+        self.adapters = adapters  # lora.Adapters: the per-row LoRAs, switched per batch
         self.max_batch = None  # set after a CUDA out-of-memory error; later batches are cut to it
         self.text_cache: OrderedDict = OrderedDict()
-        self.empty_window = None  # the encoded empty prompt: long-prompt padding, encoded on first use
+        self.empty_windows: dict = {}  # per LoRA: the encoded empty prompt (long-prompt padding), encoded on first use
+        self.adapter = None  # the LoRA of the batch being rendered (its text encodings are its own)
         step_parameters = inspect.signature(make_scheduler(scheduler_cfg, model.scheduler_config).step).parameters
         self.step_takes_generator = "generator" in step_parameters
 
@@ -64,6 +67,9 @@ class Renderer:
     @torch.no_grad()
     def _render(self, jobs: list[ImageJob]) -> BatchResult:
         model, first = self.model, jobs[0]
+        if self.adapters is not None:
+            self.adapters.activate(first)  # a batch never mixes LoRAs (batch_key)
+        self.adapter = first.adapter
         pad_to = min(self.pad_to, self.max_batch or self.pad_to) if self.pad_to else 0
         padded = jobs + [first] * max(0, pad_to - len(jobs))  # static shape: pad, never recompile
         clock = Stopwatch(model.device)
@@ -80,9 +86,10 @@ class Renderer:
         return BatchResult(pixels, failures, cond.truncated[:len(jobs)], seconds, [len(padded)] * len(jobs))
 
     def batch_key(self, job: ImageJob) -> tuple:
-        """batch_key plus the text windows the job fills: batched only with jobs of the same count, an image's text
-        conditioning never gets padding for a longer prompt of another row (so it does not depend on its batch)."""
-        return (*batch_key(job), self.text_chunks(job))
+        """batch_key plus the job's LoRA (a batch never mixes adapters) and the text windows it fills: batched only
+        with jobs of the same count, an image's text conditioning never gets padding for a longer prompt of another
+        row (so it does not depend on its batch)."""
+        return (*batch_key(job), job.adapter, self.text_chunks(job))
 
     def text_chunks(self, job: ImageJob) -> int:
         return self.windows(job.prompt, job.negative_prompt, job.guidance_scale)
@@ -113,10 +120,10 @@ class Renderer:
         windows (as A1111 pads); its `chunks` are then that length for every text.
         """
         zero_empty = negative and self.model.family == "sdxl"
-        keys = [(zero_empty, t) for t in texts]
+        keys = [(self.adapter, zero_empty, t) for t in texts]
         missing = list(dict.fromkeys(k for k in keys if k not in self.text_cache))
         if missing:
-            encoded = self.model.encode([t for _, t in missing], zero_empty=zero_empty, max_chunks=self.max_prompt_chunks)
+            encoded = self.model.encode([t for _, _, t in missing], zero_empty=zero_empty, max_chunks=self.max_prompt_chunks)
             window = self.model.window
             for i, key in enumerate(missing):
                 pooled = encoded.pooled[i] if encoded.pooled is not None else None
@@ -137,10 +144,10 @@ class Renderer:
             return embeds
         if zeros:
             return torch.cat([embeds, embeds.new_zeros(length - embeds.shape[0], embeds.shape[1])])
-        if self.empty_window is None:
-            self.empty_window = self.model.encode([""]).embeds[0]
+        if self.adapter not in self.empty_windows:
+            self.empty_windows[self.adapter] = self.model.encode([""]).embeds[0]
         repeats = (length - embeds.shape[0]) // self.model.window
-        return torch.cat([embeds, self.empty_window.repeat(repeats, 1)])
+        return torch.cat([embeds, self.empty_windows[self.adapter].repeat(repeats, 1)])
 
     def denoise(self, latents, cond, uncond, steps, guidance_scale, width, height, generators):
         model = self.model

@@ -21,11 +21,13 @@ from sdbatch.batcher import Batcher, ShardQueue
 from sdbatch.cost import DEVICE_STAGES, cost_lines
 from sdbatch.lease import Heartbeat, Holder, remove_tree
 from sdbatch.ledger import ROW_INDEX, folder_shards, key_extras, open_folder, saved_settings
-from sdbatch.manifest import Defaults, ImageJob, Manifest
+from sdbatch.lora import Adapters, fuse_run_loras
+from sdbatch.manifest import Defaults, ImageJob, Manifest, lora_problems
 from sdbatch.models import load_model, model_revision
 from sdbatch.plan import num_shards_for, open_plan
 from sdbatch.render import BatchResult, Renderer
 from sdbatch.shard import Context, Shard
+from sdbatch.weights import LoraFiles, lora_fingerprint, lora_problem
 from sdbatch.workers import local_worker, resolve_worker
 from sdbatch.writer import ImageFormat, ImageWriter, a1111_parameters, image_name
 
@@ -59,6 +61,7 @@ def run(cfg) -> int:
 
 def _run(cfg, worker, device, dtype, output_dir: Path, heartbeat: Heartbeat, start: float) -> int:
     check_output_dir(output_dir)
+    run_loras = run_level_loras(cfg.lora)
     manifest = Manifest(cfg.prompts, settings.max_steps(cfg)[0], settings.min_image_size(cfg.model))
     for warning in manifest.misspelled():
         log.warning("%s: %s", cfg.prompts, warning)
@@ -72,7 +75,7 @@ def _run(cfg, worker, device, dtype, output_dir: Path, heartbeat: Heartbeat, sta
     options = cfg.scheduler.get("options")
     image_format = ImageFormat.from_config(cfg)
     extras = key_extras(dtype_name, cfg.scheduler.name, OmegaConf.to_container(options) if options is not None else {},
-                        asdict(image_format))
+                        asdict(image_format), [{"sha256": lora["sha256"], "scale": lora["scale"]} for lora in run_loras])
     run_level = {**model_identity(cfg.model, output_dir), "scheduler": cfg.scheduler.name, "steps": cfg.steps,
                  "width": width, "height": height, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
                  "negative_prompt": cfg.negative_prompt, "extras": extras}
@@ -80,30 +83,40 @@ def _run(cfg, worker, device, dtype, output_dir: Path, heartbeat: Heartbeat, sta
     open_folder(output_dir, run_level, num_shards, cfg.overwrite, cfg.shard_size, check_only=True)
     holder = Holder.this_process(f"worker {worker.index} of {worker.count}")
     plan = open_plan(manifest, output_dir, num_shards, run_level, holder, cfg.lease_s, heartbeat)
-    problems = plan.problems
+    problems, lora_files = plan.problems, LoraFiles()
+    bad_files = lora_problems(plan.loras, lora_files.problem)
+    problems.kinds.update(bad_files.kinds)
     if problems.count and cfg.on_invalid == "error":
         raise SdbatchError(problems.message(cfg.prompts))
     defaults = Defaults(steps=cfg.steps, guidance_scale=cfg.guidance_scale, width=width, height=height,
                         seed=cfg.seed, negative_prompt=cfg.negative_prompt)
     ctx = Context(cfg, output_dir, worker, holder, heartbeat, plan, defaults, cfg.scheduler.name,
-                  run_level["model"], extras, image_format.suffix)
+                  run_level["model"], extras, image_format.suffix, lora_state=lora_files.state,
+                  bad_loras={path: f"lora file {lora_files.problem(path)}: {path}" for path in plan.loras
+                             if lora_files.problem(path)})
     queue = ShardQueue(ctx, cfg.steal)
     if queue.nothing_to_do():  # a rerun with nothing left: no model to load
         job = Job(ctx, queue, None, None, {})
         print_summary(job, time.perf_counter() - start)
         return 0
     model = load_model(cfg.model).to(device, dtype)
+    fuse_run_loras(model, run_loras)
     choice = attention.choose(cfg.attention, model, device, dtype, cfg.batch_size, width, height)
     attention.apply(model, choice)
     open_folder(output_dir, run_level, num_shards, cfg.overwrite, cfg.shard_size)
+    adapters = None
+    if plan.loras:  # per-row LoRAs: prepared before torch.compile sees the UNet
+        adapters = Adapters(model, slot=cfg.compile and device.type == "cuda")
+        adapters.prepare({path: lora_files.state(path) for path in plan.loras if lora_files.state(path)})
     speed_up(model, cfg, output_dir)
     ctx.ledger_fields = {"attention_backend": choice.label, "attention_detail": choice.detail, "model": model.name,
                          "scheduler": cfg.scheduler.name, "worker_index": worker.index, "num_workers": worker.count,
                          "device": device_label(device)}
     renderer = Renderer(model, cfg.scheduler, pad_to=cfg.batch_size if cfg.compile else None,
-                        max_prompt_chunks=cfg.max_prompt_chunks)
+                        max_prompt_chunks=cfg.max_prompt_chunks, adapters=adapters)
     ctx.text_windows = renderer.windows
-    job = Job(ctx, queue, renderer, ImageWriter(cfg.write_threads, image_format), provenance_base(cfg, model, choice))
+    job = Job(ctx, queue, renderer, ImageWriter(cfg.write_threads, image_format),
+              provenance_base(cfg, model, choice, run_loras))
     log.info("worker %d of %d (%s) on %s, attention %s: %d of %d shards are its own%s", worker.index, worker.count,
              worker.source, ctx.ledger_fields["device"], choice.label, len(queue.own), plan.num_shards,
              "; then it helps with the others" if cfg.steal else "")
@@ -201,6 +214,7 @@ class Job:
             parameters = a1111_parameters(job.prompt, job.negative_prompt, job.steps, self.ctx.cfg.scheduler.sampler,
                                           job.guidance_scale, job.seed, job.width, job.height, self.renderer.model.name)
             provenance = {**self.provenance, "manifest_row": manifest_row(job), "content_key": job.content_key,
+                          "lora": {**self.provenance["lora"], "row": row_lora(job)},
                           "ledger": {**{k: v for k, v in row.items() if k != ROW_INDEX},
                                      "finished_at": row["finished_at"].isoformat()}}
             future = self.writer.submit(path, pixels, parameters, provenance, shard.lease)
@@ -231,7 +245,8 @@ class Job:
         return {
             **self.ctx.ledger_fields, "id": job.id, "image_index": job.image_index, "seed": job.seed,
             "prompt": job.prompt, "negative_prompt": job.negative_prompt, "width": job.width, "height": job.height,
-            "steps": job.steps, "guidance_scale": float(job.guidance_scale), "content_key": job.content_key,
+            "steps": job.steps, "guidance_scale": float(job.guidance_scale), "lora": job.lora,
+            "lora_scale": job.lora_scale, "content_key": job.content_key,
             "image_path": f"images/{job.shard:05d}/{image_name(job.id, job.image_index, self.ctx.suffix)}",
             "status": "failed" if failure else "ok", "reason": failure, "truncated": truncated, "shard": job.shard,
             "batch_size": batch_size, "finished_at": datetime.now(timezone.utc), "write_s": None,
@@ -328,7 +343,7 @@ def device_label(device: torch.device) -> str:
     return f"cuda:{physical} ({props.name}{where})"
 
 
-def provenance_base(cfg, model, choice) -> dict:
+def provenance_base(cfg, model, choice, run_loras: list) -> dict:
     import diffusers
     import transformers
     return {
@@ -336,6 +351,7 @@ def provenance_base(cfg, model, choice) -> dict:
         "scheduler": OmegaConf.to_container(cfg.scheduler),
         "attention": {"backend": choice.label, "detail": choice.detail},
         "dtype": str(model.dtype).removeprefix("torch."),
+        "lora": {"run": run_loras, "row": None},
         "versions": {"sdbatch": __import__("sdbatch").__version__, "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "transformers": transformers.__version__},
     }
@@ -344,7 +360,26 @@ def provenance_base(cfg, model, choice) -> dict:
 def manifest_row(job: ImageJob) -> dict:
     return {"id": job.id, "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
             "width": job.width, "height": job.height, "steps": job.steps, "guidance_scale": job.guidance_scale,
-            "image_index": job.image_index, **job.extra}
+            "lora": job.lora, "lora_scale": job.lora_scale, "image_index": job.image_index, **job.extra}
+
+
+def row_lora(job: ImageJob) -> dict | None:
+    return None if job.lora is None else {"path": job.lora, "sha256": job.lora_sha256, "scale": job.lora_scale}
+
+
+# ---------------------------------------------------------------- LoRA files
+def run_level_loras(items) -> list[dict]:
+    """The run's `lora` setting as [{path, scale, sha256}], each file checked (settings.check checked the shape)."""
+    loras = []
+    for i, item in enumerate(OmegaConf.to_container(items) if items is not None else []):
+        path, scale = str(item["path"]), item.get("scale")
+        scale = 1.0 if scale is None else float(scale)
+        problem = lora_problem(path)
+        if problem:
+            raise SdbatchError(f"lora[{i}].path={path}: the file {problem}. Point it at a LoRA .safetensors file "
+                               "(diffusers/PEFT or kohya layout), or remove it from `lora`.")
+        loras.append({"path": path, "scale": scale, "sha256": lora_fingerprint(path)})
+    return loras
 
 
 # ---------------------------------------------------------------- stopping and the summary

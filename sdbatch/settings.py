@@ -115,6 +115,22 @@ def mapping(value):
         return "must be a mapping of keyword arguments"
 
 
+def loras(value):
+    """The run-level LoRAs: a list of {path: FILE, scale: NUMBER}."""
+    shape = "must be a list of {path: FILE.safetensors, scale: NUMBER} ([] for none)"
+    if not isinstance(value, (list, ListConfig)):
+        return shape
+    for i, item in enumerate(value):
+        if not isinstance(item, (dict, DictConfig)) or "path" not in item:
+            return f"{shape}: item {i} has no path"
+        unknown = sorted(set(item) - {"path", "scale"})
+        if unknown:
+            return f"{shape}: item {i} has {', '.join(unknown)}, which sdbatch does not know"
+        problem = path(item["path"]) or optional(number)(item.get("scale"))
+        if problem:
+            return f"{shape}: item {i}'s {'path' if path(item['path']) else 'scale'} {problem}"
+
+
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -157,6 +173,7 @@ RUN_RULES = {
     "max_prompt_chunks": whole(1),
     "progress": boolean,
     "gpu_hour_cost": optional(price),
+    "lora": loras,
     "model.name": text,
     "model.family": choice("sd", "sdxl"),
     "model.path": optional(path),

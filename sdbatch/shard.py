@@ -44,6 +44,8 @@ class Context:
     suffix: str  # the image files' extension
     ledger_fields: dict = field(default_factory=dict)  # attention, device, ... (same for every image)
     text_windows: object = lambda prompt, negative_prompt, guidance_scale: 1  # the renderer's, once there is one
+    lora_state: object = lambda path: None  # a LoRA file's fingerprint, or None when it cannot be used (cached)
+    bad_loras: dict = field(default_factory=dict)  # LoRA path -> why its rows are skipped (on_invalid=skip)
     counts: Counter = field(default_factory=Counter)
     skipped_names: list = field(default_factory=list)  # the first few skipped rows, for the summary
     commit_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -81,11 +83,13 @@ class Shard:
         ctx = self.ctx
         remove_temp_files(self.image_dir)  # an earlier sdbatch staged files beside the images
         remove_temp_files(self.ledger_file.parent, self.ledger_file.name)
-        self.rows = ctx.plan.rows(self.number)
+        self.rows = mark_bad_loras(ctx.plan.rows(self.number), ctx.bad_loras)
         images = expand(self.rows, ctx.defaults)
-        keys = [content_key(*fields, ctx.scheduler, ctx.model, self._extras(*fields)) for fields in zip(*(
+        images = images.append_column("lora_sha256", pa.array(
+            [None if p is None else ctx.lora_state(p) for p in images.column("lora").to_pylist()], pa.string()))
+        keys = [content_key(*fields[:7], ctx.scheduler, ctx.model, self._extras(*fields)) for fields in zip(*(
             images.column(c).to_pylist() for c in ("prompt", "negative_prompt", "seed", "width", "height", "steps",
-                                                    "guidance_scale")))]
+                                                    "guidance_scale", "lora_sha256", "lora_scale")))]
         names = [image_name(i, k, ctx.suffix) for i, k in zip(images.column("id").to_pylist(),
                                                  images.column("image_index").to_pylist())]
         images = images.append_column("content_key", pa.array(keys, pa.string()))
@@ -97,11 +101,17 @@ class Shard:
         self.skipped = self._skipped_rows()
         self.orphans = self._orphans(set(names), on_disk) if ctx.cfg.prune else []
 
-    def _extras(self, prompt, negative_prompt, seed, width, height, steps, guidance_scale) -> dict:
+    def _extras(self, prompt, negative_prompt, seed, width, height, steps, guidance_scale, lora_sha256,
+                lora_scale) -> dict:
         """The run's key extras, plus the text windows of a prompt longer than one (one was all the first sdbatch
-        encoded)."""
+        encoded) and the row's LoRA (content fingerprint and scale); a row without either keeps the run's."""
+        extras = self.ctx.key_extras
         windows = self.ctx.text_windows(prompt, negative_prompt, guidance_scale)
-        return {**self.ctx.key_extras, "text_windows": windows} if windows > 1 else self.ctx.key_extras
+        if windows > 1:
+            extras = {**extras, "text_windows": windows}
+        if lora_sha256 is not None:
+            extras = {**extras, "row_lora": {"sha256": lora_sha256, "scale": lora_scale}}
+        return extras
 
     def _files_on_disk(self) -> set[str]:
         try:
@@ -155,7 +165,8 @@ class Shard:
         extra = {name: image_row_value(self.rows, name, image[ROW_INDEX]) for name in self.ctx.plan.passthrough}
         return ImageJob(image["id"], image["image_index"], image["prompt"], image["negative_prompt"], image["seed"],
                         image["width"], image["height"], image["steps"], image["guidance_scale"], extra,
-                        self.number, image["content_key"], image[ROW_INDEX])
+                        self.number, image["content_key"], image[ROW_INDEX], image["lora"], image["lora_scale"],
+                        image["lora_sha256"])
 
     def _skipped_rows(self) -> list[dict]:
         bad = self.rows.filter(pc.is_valid(self.rows.column("reason")))
@@ -242,7 +253,13 @@ class Shard:
         self.ctx.plan.mark_done(self.number, {
             "ledger": [stat.st_size, stat.st_mtime_ns], "ok": statuses["ok"], "failed": statuses["failed"],
             "skipped": statuses["skipped"], "pruned": bool(self.ctx.cfg.prune), "worker": self.ctx.worker.index,
-            "at": datetime.now(timezone.utc).isoformat()})
+            "at": datetime.now(timezone.utc).isoformat(), "loras": self.lora_states()})
+
+    def lora_states(self) -> dict:
+        """{LoRA path: fingerprint or None} for every LoRA file the shard's rows name: a shard is complete only
+        while they stay as they were (a retrained LoRA at the same path re-renders its rows)."""
+        paths = pc.unique(self.rows.column("lora").drop_null()).to_pylist()
+        return {path: self.ctx.lora_state(path) for path in sorted(paths)}
 
     def release(self) -> None:
         self.ctx.heartbeat.remove(self.lease)
@@ -269,6 +286,8 @@ def complete(ctx: Context, shard: int, mark: dict | None, examined_here: bool) -
         pass
     if ctx.cfg.prune and not mark.get("pruned"):
         return False
+    if any(ctx.lora_state(path) != state for path, state in mark.get("loras", {}).items()):
+        return False
     return not mark.get("failed") or examined_here
 
 
@@ -288,6 +307,9 @@ def expand(rows: pa.Table, defaults: Defaults) -> pa.Table:
         "height": pc.fill_null(valid.column("height"), defaults.height),
         "steps": pc.fill_null(valid.column("steps"), defaults.steps),
         "guidance_scale": pc.fill_null(valid.column("guidance_scale"), float(defaults.guidance_scale)),
+        "lora": valid.column("lora"),
+        "lora_scale": pc.if_else(pc.is_valid(valid.column("lora")), pc.fill_null(valid.column("lora_scale"), 1.0),
+                                 pa.scalar(None, pa.float64())),
     }
     index = pa.array(take)
     columns = {"id": valid.column("id").take(index), "image_index": pa.array(image_index, pa.int64()),
@@ -295,6 +317,16 @@ def expand(rows: pa.Table, defaults: Defaults) -> pa.Table:
     columns |= {name: column.take(index) for name, column in filled.items()}
     columns[ROW_INDEX] = pa.array(valid_index[take], pa.int64())
     return pa.table(columns)
+
+
+def mark_bad_loras(rows: pa.Table, bad: dict) -> pa.Table:
+    """Rows naming a LoRA file that cannot be used are invalid (skipped), with the file's problem as their reason."""
+    if not bad or rows.num_rows == 0:
+        return rows
+    paths, reasons = rows.column("lora").to_pylist(), rows.column("reason").to_pylist()
+    marked = [old if path not in bad else (f"{old}; {bad[path]}" if old else bad[path])
+              for path, old in zip(paths, reasons)]
+    return rows.set_column(rows.schema.get_field_index("reason"), "reason", pa.array(marked, pa.string()))
 
 
 def image_row_value(rows: pa.Table, name: str, index: int):

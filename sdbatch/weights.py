@@ -1,4 +1,5 @@
-"""Where a model's weights are, whether sdbatch can load them, and what identifies them (all without importing torch)."""
+"""Where a model's weights (and LoRA files) are, whether sdbatch can load them, and what identifies them (all without
+importing torch)."""
 
 import hashlib
 import json
@@ -230,17 +231,18 @@ def read_header(path: Path) -> bytes | None:
 
 
 # ---------------------------------------------------------------- the content fingerprint
-def fingerprint(path: Path) -> str:
+def fingerprint(path: Path, named: bool = True) -> str:
     """A cheap hash of the weights' content: per file its relative name, size and sampled bytes (whole small files;
     for .safetensors the header and the first 4 KiB of every tensor; else 16 blocks at fixed offsets). It reads
-    megabytes, not the weights, and no mtime or inode goes in, so every host holding the same files agrees."""
+    megabytes, not the weights, and no mtime or inode goes in, so every host holding the same files agrees.
+    named=False leaves a single file's name out (a LoRA moved or renamed is the same LoRA)."""
     digest = hashlib.sha256()
     path = Path(path)
     files = [path] if path.is_file() else sorted(
         (p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)),
         key=lambda p: p.relative_to(path).as_posix())
     for file in files:
-        name = file.name if file == path else file.relative_to(path).as_posix()
+        name = (file.name if named else "") if file == path else file.relative_to(path).as_posix()
         size = file.stat().st_size
         digest.update(f"{name}\0{size}\0".encode())
         with open(file, "rb") as f:
@@ -265,3 +267,61 @@ def sampled_blocks(f, size: int, safetensors: bool):
     for i in range(FILE_SAMPLES):
         f.seek((size - FILE_SAMPLE_BYTES) * i // (FILE_SAMPLES - 1))
         yield f.read(FILE_SAMPLE_BYTES)
+
+
+# ---------------------------------------------------------------- LoRA files
+LORA_MARKERS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "_lora.down.",
+                "_lora.up.")  # kohya (A1111), PEFT/diffusers, and diffusers' older attention-processor layouts
+
+
+def lora_problem(path: str) -> str | None:
+    """Why a LoRA file cannot be used, in words that complete "a lora file that ...", or None when it looks fine.
+    Cheap: the file's suffix, its safetensors header and its tensor names; whether it fits the model is known only
+    when it is loaded."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        return "does not exist"
+    if not file.is_file():
+        return "is a folder, not a .safetensors file"
+    suffix = file.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        return (f"is a pickle file ({suffix}), which sdbatch never loads because loading one can run any code it "
+                "contains (use its .safetensors version)")
+    if suffix != ".safetensors":
+        return f"is a {suffix or 'suffix-less'} file, not .safetensors"
+    try:
+        raw = read_header(file)
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    if raw is None:
+        return "is not a valid safetensors file (its header does not parse; an incomplete copy?)"
+    keys = [k for k in json.loads(raw) if k != "__metadata__"]
+    if not keys or not any(marker in k for k in keys for marker in LORA_MARKERS):
+        first = ", ".join(sorted({k.split(".")[0] for k in keys})[:3]) or "nothing"
+        return (f"is not a LoRA (none of its {len(keys)} tensors is a LoRA down/up or A/B matrix; its names start "
+                f"with {first})")
+    return None
+
+
+def lora_fingerprint(path: str) -> str:
+    """What identifies a LoRA file in content keys: a fingerprint of its content (not its name, place or mtime)."""
+    return fingerprint(Path(path).expanduser(), named=False)[:16]
+
+
+class LoraFiles:
+    """The manifest's LoRA files, each checked and fingerprinted once per run (on first use)."""
+
+    def __init__(self):
+        self.problems: dict = {}
+        self.fingerprints: dict = {}
+
+    def problem(self, path: str) -> str | None:
+        if path not in self.problems:
+            self.problems[path] = lora_problem(path)
+        return self.problems[path]
+
+    def state(self, path: str) -> str | None:
+        """The file's fingerprint, or None when it cannot be used."""
+        if path not in self.fingerprints:
+            self.fingerprints[path] = None if self.problem(path) else lora_fingerprint(path)
+        return self.fingerprints[path]
