@@ -4,6 +4,8 @@ import io
 import json
 import re
 import struct
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import piexif
@@ -14,6 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from conftest import compose_config
 from sdbatch import SdbatchError
+from sdbatch.lease import Holder, Lease
 from sdbatch.writer import (JPEG_EXTENDED_XMP, JPEG_SEGMENT, ImageFormat, ImageWriter, a1111_parameters,
                             encode_png, image_name, read_parameters, read_provenance)
 
@@ -36,11 +39,18 @@ def parameters(prompt="a red cat on a sofa", negative_prompt="blurry", model="ti
     return a1111_parameters(prompt, negative_prompt, 20, "PNDM", 7.5, 42, 96, 64, model)
 
 
+def lease() -> Lease:
+    """A held lease in a folder of its own: images are staged in it and renamed into place, as a worker does."""
+    held = Lease(Path(tempfile.mkdtemp(prefix="sdbatch-lease-")) / "shard-00000", Holder.this_process("test"), 60)
+    assert held.acquire() is None
+    return held
+
+
 def write(tmp_path, name, image_format, text=None, provenance=PROVENANCE):
     path = tmp_path / image_name("a/b", 0, image_format.suffix)
     path = path.with_name(f"{name}-{path.name}")
     writer = ImageWriter(1, image_format)
-    writer.submit(path, pixels(), text or parameters(), provenance).result()
+    writer.submit(path, pixels(), text or parameters(), provenance, lease()).result()
     writer.close()
     return path
 
@@ -288,7 +298,7 @@ def test_parameters_too_long_for_jpeg_fail_plainly_and_write_nothing(tmp_path):
     writer = ImageWriter(1, ImageFormat("jpeg"))
     path = tmp_path / "too-long.jpg"
     with pytest.raises(SdbatchError, match="image_format=webp or image_format=png"):
-        writer.submit(path, pixels(), text, PROVENANCE).result()
+        writer.submit(path, pixels(), text, PROVENANCE, lease()).result()
     writer.close()
     assert list(tmp_path.iterdir()) == []
     assert read_parameters(write(tmp_path, "webp", ImageFormat("webp"), text)) == text
