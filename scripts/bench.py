@@ -3,6 +3,10 @@ same random-weight full-size model and the same prompts.
 
     python scripts/bench.py --model sd15 --size 512 --steps 50 --out docs/benchmarks/h200.json
     python scripts/bench.py --smoke --out /tmp/bench.json          # CPU smoke test (model=tiny; numbers meaningless)
+    python scripts/bench.py --mlperf --out docs/benchmarks/h100-mlperf-sdxl.json   # MLPerf Inference's SDXL settings
+
+--mlperf: SDXL base at 1024x1024, EulerDiscrete, 20 steps, CFG 8, MLPerf's fixed negative prompt; rows
+diffusers-sdpa-best, sdbatch-fp16-sdpa (eager) and sdbatch-fp16-best (compiled).
 
 Rows: diffusers-vanilla-b1, diffusers-xformers-b1, diffusers-sdpa-best (best of 16/32 prompts per call),
 sdbatch-xformers, sdbatch-sdpa, sdbatch-best. Per row: images/s (steady state, after the first call or batch),
@@ -33,6 +37,7 @@ from sdbatch.models import load_model  # noqa: E402
 from sdbatch.render import make_scheduler  # noqa: E402
 from sdbatch.run import run  # noqa: E402
 
+MLPERF_NEGATIVE = "normal quality, low quality, worst quality, low res, blurry, nsfw, nude"
 PROMPTS = [f"studio product photo of item {i}: a {c} {o} on a white background, soft light"
            for i, (c, o) in enumerate((c, o) for o in ("vase", "handbag", "sneaker", "lamp", "mug", "chair", "watch",
                                                           "backpack") for c in ("red", "blue", "green", "black"))]
@@ -73,7 +78,7 @@ def diffusers_row(name, args, model_cfg, processor, prompts_per_call, images):
     device, dtype = (torch.device("cuda"), torch.float16) if cuda() else (torch.device("cpu"), torch.float32)
     model.to(device, dtype)
     model.vae.to(dtype)  # diffusers' SDXL pipeline upcasts its fp16 VAE itself
-    scheduler = make_scheduler(config(["scheduler=pndm"]).scheduler, model.scheduler_config)
+    scheduler = make_scheduler(config([f"scheduler={args.scheduler}"]).scheduler, model.scheduler_config)
     parts = dict(vae=model.vae, unet=model.unet, scheduler=scheduler, text_encoder=model.text_encoders[0],
                  tokenizer=model.tokenizers[0])
     if model.family == "sdxl":
@@ -86,7 +91,8 @@ def diffusers_row(name, args, model_cfg, processor, prompts_per_call, images):
     calls, done, first_image_s, steady_start = max(2, images // prompts_per_call), 0, None, None
     for call in range(calls):
         prompts = [PROMPTS[(done + i) % len(PROMPTS)] for i in range(prompts_per_call)]
-        pipe(prompts, num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
+        pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size,
+             negative_prompt=[args.negative] * prompts_per_call,
              generator=[torch.Generator().manual_seed(done + i) for i in range(prompts_per_call)], output_type="pil")
         sync()
         done += prompts_per_call
@@ -108,7 +114,9 @@ def sdbatch_row(name, args, overrides, images, work: Path):
                              "prompt": [PROMPTS[i % len(PROMPTS)] for i in range(images)]}), manifest)
     out = work / name
     cfg = config([f"prompts={manifest}", f"output_dir={out}", f"model={args.model}", f"steps={args.steps}",
-                  f"width={args.size}", f"height={args.size}", "progress=false", *args.model_overrides, *overrides])
+                  f"width={args.size}", f"height={args.size}", "progress=false", f"scheduler={args.scheduler}",
+                  f"guidance_scale={args.guidance}", f"negative_prompt='{args.negative}'", *args.model_overrides,
+                  *overrides])
     start = time.time()
     code = run(cfg)
     assert code == 0, f"{name}: sdbatch exited {code}"
@@ -169,8 +177,16 @@ def main():
     parser.add_argument("--diffusers-batches", default="16,32", help="prompts per call tried for diffusers-sdpa-best")
     parser.add_argument("--rows", default="all", help="comma-separated row names to run (default all)")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke test: model=tiny, few steps and images")
+    parser.add_argument("--scheduler", default="pndm")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--negative", default="")
+    parser.add_argument("--mlperf", action="store_true", help="MLPerf Inference's SDXL settings and rows")
     parser.add_argument("--out", default="docs/benchmarks/h200.json")
     args = parser.parse_args()
+    if args.mlperf:
+        args.model, args.size, args.steps, args.scheduler, args.guidance = "sdxl", 1024, 20, "euler", 8.0
+        args.negative, args.batch, args.diffusers_batches = MLPERF_NEGATIVE, 8, "8"
+        args.rows = "diffusers-sdpa-best,sdbatch-fp16-sdpa,sdbatch-fp16-best" if args.rows == "all" else args.rows
     if args.smoke:
         args.model, args.size, args.steps, args.images, args.batch = "tiny", 64, 2, 8, 4
     args.model_overrides = [] if args.model == "tiny" else ["model.random_weights=true"]
@@ -179,7 +195,8 @@ def main():
     gpu = torch.cuda.get_device_name() if cuda() else "cpu"
     peak = matmul_peak_tflops() if cuda() else None
     report = {"gpu": gpu, "matmul_tflops": peak, "command": "python " + " ".join(sys.argv), "model": args.model,
-              "size": args.size, "steps": args.steps, "guidance_scale": 7.5, "scheduler": "pndm",
+              "size": args.size, "steps": args.steps, "guidance_scale": args.guidance, "scheduler": args.scheduler,
+              "negative_prompt": args.negative,
               "versions": {"torch": torch.__version__}, "rows": []}
     b1_images = 2 if args.smoke else args.b1_images
     best = [*args.best.split(), f"batch_size={args.batch}", f"compile_cache={work_dir() / 'compile-cache'}"]
@@ -193,6 +210,8 @@ def main():
         ("sdbatch-xformers", lambda: sdbatch_row("sdbatch-xformers", args, ["attention=xformers", f"batch_size={args.batch}"], args.images, work)),
         ("sdbatch-sdpa", lambda: sdbatch_row("sdbatch-sdpa", args, ["attention=sdpa", f"batch_size={args.batch}"], args.images, work)),
         ("sdbatch-best", lambda: sdbatch_row("sdbatch-best", args, best, args.images, work)),
+        ("sdbatch-fp16-sdpa", lambda: sdbatch_row("sdbatch-fp16-sdpa", args, ["attention=sdpa", "dtype=fp16", f"batch_size={args.batch}"], args.images, work)),
+        ("sdbatch-fp16-best", lambda: sdbatch_row("sdbatch-fp16-best", args, [*best, "dtype=fp16"], args.images, work)),
         ("sdbatch-best-warm-start", lambda: warm_start_row(args, best, 2 * args.batch, work)),
     ]
     work = work_dir()
@@ -220,8 +239,9 @@ def main():
 
 
 def markdown_table(report) -> str:
-    lines = [f"{report['gpu']}, {report['model']} {report['size']}x{report['size']}, {report['steps']} PNDM steps, "
-             f"CFG 7.5; fp16 matmul {report['matmul_tflops'] or 0:.0f} TFLOP/s", "",
+    lines = [f"{report['gpu']}, {report['model']} {report['size']}x{report['size']}, {report['steps']} "
+             f"{report['scheduler']} steps, CFG {report['guidance_scale']:g}; fp16 matmul "
+             f"{report['matmul_tflops'] or 0:.0f} TFLOP/s", "",
              "| setup | images/s | peak GiB | first image s | UNet MFU |", "|---|---|---|---|---|"]
     for row in report["rows"]:
         mfu = f"{row['unet_mfu']:.0%}" if row.get("unet_mfu") else ""

@@ -4,11 +4,13 @@ Each backend is a function attend(q, k, v) on (batch, tokens, heads, head_dim) t
 projections once; which backend runs for each attention shape is decided before rendering (`auto` times them).
 """
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -174,7 +176,8 @@ def choose(cfg, model, device: torch.device, dtype: torch.dtype, batch_size: int
     if cfg.name != "auto" and cfg.name not in BACKENDS:
         raise SdbatchError(f"Unknown attention backend '{cfg.name}': choose one of auto, {', '.join(BACKENDS)}.")
     variants = candidates(cfg.name, options)
-    problems = [why_not(*v, device=device, dtype=dtype) for v in variants]
+    with asking_for_kernels():
+        problems = [why_not(*v, device=device, dtype=dtype) for v in variants]
     runnable = [v for v, problem in zip(variants, problems) if problem is None]
     if cfg.name != "auto" and not runnable:
         raise SdbatchError(problems[0])
@@ -186,7 +189,19 @@ def choose(cfg, model, device: torch.device, dtype: torch.dtype, batch_size: int
         runnable = [("sdpa", {"kernel": "auto"})]
     if device.type != "cuda":
         return Choice(runnable[0])
-    return Choice(runnable[0], per_shape_choice(model, runnable, device, dtype, batch_size, width, height, cfg.name))
+    with asking_for_kernels():
+        return Choice(runnable[0], per_shape_choice(model, runnable, device, dtype, batch_size, width, height,
+                                                    cfg.name))
+
+
+@contextlib.contextmanager
+def asking_for_kernels():
+    """Trying each kernel on purpose: torch's "... kernel not used because ..." warnings say what sdbatch already
+    records (a kernel that cannot run a shape is left out), so they stay out of the log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+        warnings.filterwarnings("ignore", message=r".*(kernel not used|was not compiled with).*")
+        yield
 
 
 def per_shape_choice(model, runnable, device, dtype, batch_size, width, height, asked) -> dict:
