@@ -33,6 +33,7 @@ PURE_WHEELS=(
   "omegaconf==2.3.0"
   "importlib_metadata==10.2.0"
   "lazy-importer==0.1.0"
+  "peft==0.21.2"
 )
 ANTLR="antlr4-python3-runtime==4.9.3"
 XFORMERS="xformers==0.0.35"
