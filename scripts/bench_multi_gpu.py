@@ -56,18 +56,18 @@ def measure(name: str, out: Path, started: float, images: int, batch: int) -> di
     batches = sorted({(r["worker_index"], r["batch_size"]) for r in rows})
     return {"name": name, "images": images, "wall_s": finished[-1] - started,
             "images_per_s_wall": images / (finished[-1] - started), "images_per_s_steady": steady,
-            "images_per_s_all_rendering": all_rendering_rate(rows), "share": shares,
+            "images_per_s_all_rendering": all_rendering_rate(rows, batch), "share": shares,
             "first_image_s": {w: t - started for w, t in first.items()},
             "all_gpus_rendering_after_s": max(first.values()) - started, "batch_sizes": batches}
 
 
-def all_rendering_rate(rows: list[dict]) -> float:
+def all_rendering_rate(rows: list[dict], batch: int) -> float:
     """Images/s while every worker renders: from the moment the last worker finished its first batch to the moment
     the first worker finished its last one (the start-up and the end's uneven tail left out)."""
     by_worker = {}
     for r in rows:
         by_worker.setdefault(r["worker_index"], []).append(r["finished_at"].timestamp())
-    begin = max(min(times) for times in by_worker.values())
+    begin = max(sorted(times)[min(batch, len(times)) - 1] for times in by_worker.values())
     end = min(max(times) for times in by_worker.values())
     done = sum(begin < t <= end for times in by_worker.values() for t in times)
     return done / (end - begin) if end > begin else float("nan")

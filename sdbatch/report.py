@@ -335,6 +335,8 @@ def run_settings(table: pa.Table, saved: dict) -> list[tuple[str, list[tuple[str
     found = folder_settings(saved)
     for name, column in LEDGER_SETTINGS:
         if column in rendered.column_names and len(rendered):
+            if column.startswith("lora") and rendered[column].null_count == len(rendered):
+                continue  # a folder that never used a LoRA says nothing about LoRAs
             found[name] = text_counts(as_text(rendered[column]))
     if {"width", "height"} <= set(rendered.column_names) and len(rendered):
         size = pc.binary_join_element_wise(as_text(rendered["width"]), as_text(rendered["height"]), "×")

@@ -59,7 +59,7 @@ BAD = {  # override -> words of the problem
     "shard_size=true": "shard_size=true must be a whole number",
     "write_threads=0": "write_threads=0 must be at least 1",
     "stop_timeout_s=0": "stop_timeout_s=0 must be a number of seconds above 0",
-    "lock_stale_s=nan": "lock_stale_s=nan must be a number of seconds above 0",
+    "lease_s=nan": "lease_s=nan must be a number of seconds above 0",
     "processes=0": "processes=0 must be auto or a whole number of at least 1",
     "processes=many": "processes=many must be auto or a whole number",
     "dtype=fp8": "dtype=fp8 must be auto | fp16 | bf16 | fp32",
