@@ -45,12 +45,9 @@ def stop_before_rendering() -> None:
 
 
 def quiet_libraries() -> None:
-    """Keep the libraries' import-time chatter (a CPU-only xformers, dtype notes) out of the user's log."""
+    """Keep the libraries' import-time chatter (a CPU-only xformers) out of the user's log; diffusers and
+    transformers are quieted by sdbatch.job when it imports them (most runs that end early never do)."""
     logging.getLogger("xformers").setLevel(logging.ERROR)
-    import diffusers
-    import transformers
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """One worker process per visible GPU (or `processes=N`), each a worker in the global plan."""
 
+import glob
 import os
 import signal
 import subprocess
@@ -70,7 +71,7 @@ def visible_gpus() -> list[str]:
         found = None
     if found is not None and found.returncode == 0:
         return [line.strip() for line in found.stdout.splitlines() if line.strip()]
-    if found is not None:
-        return []  # nvidia-smi is there but finds no GPU
+    if found is not None or not glob.glob("/dev/nvidia[0-9]*"):
+        return []  # nvidia-smi finds no GPU, or there is neither nvidia-smi nor an NVIDIA device: no GPU here
     import torch
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []

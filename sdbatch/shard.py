@@ -46,6 +46,7 @@ class Context:
     text_windows: object = lambda prompt, negative_prompt, guidance_scale: 1  # the renderer's, once there is one
     lora_state: object = lambda path: None  # a LoRA file's fingerprint, or None when it cannot be used (cached)
     bad_loras: dict = field(default_factory=dict)  # LoRA path -> why its rows are skipped (on_invalid=skip)
+    run_level: dict = field(default_factory=dict)  # the folder's run-level settings for this run
     counts: Counter = field(default_factory=Counter)
     skipped_names: list = field(default_factory=list)  # the first few skipped rows, for the summary
     commit_lock: threading.Lock = field(default_factory=threading.Lock)

@@ -265,5 +265,5 @@ def test_bad_run_settings(tmp_path):
 def test_missing_weights_say_what_to_pass(tmp_path):
     write_manifest(tmp_path / "catalog.parquet", {"prompt": ["a cat"]})
     result = cli(tmp_path, "prompts=catalog.parquet", "output_dir=out", "model=sd15", "model.path=/nonexistent")
-    message = assert_user_error(result, "/nonexistent", "model.path=", "model=tiny")
+    assert_user_error(result, "/nonexistent", "model.path=", "model=tiny")
     assert not (tmp_path / "out").exists()

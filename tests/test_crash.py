@@ -19,7 +19,6 @@ from PIL import Image
 
 from conftest import read_ledgers, write_manifest
 from sdbatch.lease import Holder, generation_name, newest_generation
-from sdbatch.plan import shard_of
 from sdbatch.writer import TEMP_PREFIX
 
 ROWS = 36  # four of them render two images: 40 images in 4 shards of ~10, 5 batches of 2 per shard

@@ -367,3 +367,31 @@ def test_shipped_clip_vocabulary_gives_clips_token_ids():
     tokenizer = clip_tokenizer()
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert clip_tokenizer("!").pad_token_id == 0 and tokenizer.pad_token_id == 49407
+
+
+def test_a_folder_made_by_the_first_sdbatch_keeps_its_model_identity_until_the_weights_change(tmp_path, make_cfg):
+    """The first sdbatch identified weights by the path given. Such a folder keeps that identity (so its content
+    keys, and its images, stay valid); the fingerprint now recorded beside it catches new weights later."""
+    from safetensors.torch import load_file, save_file
+
+    from sdbatch.ledger import open_folder
+    from sdbatch.run import model_identity
+    weights = save_diffusers_folder(tmp_path / "weights", "sd")
+    out = tmp_path / "out"
+    out.mkdir()
+    legacy = {"model": str(weights), "scheduler": "pndm", "steps": 2}
+    (out / "sdbatch.json").write_text(json.dumps({"num_shards": 1, "settings": legacy}))
+    cfg = make_cfg("model=sd15", f"model.path={weights}", "prompts=x")
+    identity = model_identity(cfg.model, out)
+    assert identity["model"] == str(weights) and identity["weights"].startswith(f"{weights.resolve()} sha256:")
+    assert open_folder(out, {**legacy, **identity}, 1, False, 1000) == 1  # accepted, and the fingerprint recorded
+    assert json.loads((out / "sdbatch.json").read_text())["settings"]["weights"] == identity["weights"]
+
+    unet = next((weights / "unet").glob("*.safetensors"))  # retrained weights saved over the old ones
+    state = load_file(unet)
+    state = {k: v + 1e-3 if i == 0 else v for i, (k, v) in enumerate(state.items())}
+    save_file(state, unet)
+    changed = model_identity(cfg.model, out)
+    assert changed["model"] != str(weights) and "weights" not in changed
+    with pytest.raises(SdbatchError, match="overwrite=true"):
+        open_folder(out, {**legacy, **changed}, 1, False, 1000)

@@ -471,11 +471,6 @@ def test_page_renders_in_headless_chromium(run_dir, tmp_path):
     assert colors is not None and len(colors) > 50  # not a blank page
 
 
-def renderer_landed() -> bool:
-    return (REPO / "sdbatch" / "run.py").is_file() and (REPO / "sdbatch" / "__main__.py").is_file()
-
-
-@pytest.mark.skipif(not renderer_landed(), reason="the renderer (sdbatch/run.py) has not landed yet")
 def test_report_from_a_tiny_model_run(tmp_path):
     prompts = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"prompt": ["a red cube", "a <b>blue</b> sphere", "a green cone"]}), prompts)

@@ -1,6 +1,5 @@
 """Rerunning into the same output_dir: resume, nightly regeneration, run-level changes, id-to-path safety."""
 
-import json
 import os
 import re
 from pathlib import Path
@@ -11,7 +10,9 @@ import pytest
 from conftest import cli, read_ledgers, write_manifest
 from sdbatch import SdbatchError
 from sdbatch.render import Renderer
-from sdbatch.run import EXIT_INTERRUPTED, Job, run
+from sdbatch import EXIT_INTERRUPTED
+from sdbatch.job import Job
+from sdbatch.run import run
 
 
 def summary(text: str) -> dict:
@@ -115,7 +116,9 @@ def test_stopped_run_continues_where_it_stopped(tmp_path, make_cfg, capsys, monk
 
     monkeypatch.setattr(Job, "render", stop_after_first_batch)
     assert run(cfg) == EXIT_INTERRUPTED
-    assert "interrupted: rerun the same command" in capsys.readouterr().out
+    stopped = capsys.readouterr().out
+    assert "interrupted: rerun the same command" in stopped
+    assert summary(stopped)["rendered"] == summary(stopped)["new"] == 2  # counts of what was rendered, not planned
     first = read_ledgers(out)
     assert len(first) == 2 and len(images(out)) == 2
     before = images(out)
@@ -225,7 +228,9 @@ def test_prune_later_deletes_images_kept_by_an_earlier_rerun(tmp_path, make_cfg,
 
 # ---------------------------------------------------------------- run-level changes
 @pytest.mark.parametrize("change, words", [("steps=3", "steps: 2 -> 3"), ("scheduler=euler", "'pndm' -> 'euler'"),
-                                           ("model.family=sdxl", "model: 'random:tiny-sd-v2' -> 'random:tiny-sdxl-v2'")])
+                                           ("model.family=sdxl", "model: 'random:tiny-sd-v2' -> 'random:tiny-sdxl-v2'"),
+                                           ("dtype=bf16", "dtype: 'fp32' -> 'bf16'"),
+                                           ("+scheduler.options.timestep_spacing=trailing", "scheduler_options: (default) ->")])
 def test_run_level_change_refuses_unless_overwrite(tmp_path, make_cfg, capsys, change, words):
     path = write_manifest(tmp_path / "catalog.parquet", CATALOG)
     cfg = make_cfg(f"prompts={path}")
