@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import methodcaller
 from pathlib import Path
@@ -158,18 +159,23 @@ def build(manifest: Manifest, num_shards: int, folder: Path) -> dict:
     images = np.zeros(num_shards, dtype=np.int64)
     skipped = np.zeros(num_shards, dtype=np.int64)
     digests, loras, started = [], {}, time.monotonic()
-    for part, (_, rows) in enumerate(manifest.chunks()):
-        shard, digest = shards_of(rows, num_shards)
-        record_problems(rows, problems)
-        count_loras(rows, loras)
-        valid = rows.column("reason").is_null().to_numpy(zero_copy_only=False)
-        counts = pc.fill_null(rows.column("num_images"), 1).to_numpy(zero_copy_only=False)
-        images += np.bincount(shard[valid].astype(np.int64), weights=counts[valid], minlength=num_shards).astype(np.int64)
-        skipped += np.bincount(shard[~valid].astype(np.int64), minlength=num_shards)
-        digests.append(digest[valid])
-        order = np.argsort(shard, kind="stable")
-        table = rows.append_column("shard", pa.array(shard.astype(np.int64))).take(order)
-        pq.write_table(table, folder / f"part-{part:05d}.parquet", row_group_size=ROW_GROUP_ROWS)
+    with ThreadPoolExecutor(max_workers=1) as writer:  # writes chunk n (no GIL) while chunk n+1's ids are hashed
+        written = None
+        for part, (_, rows) in enumerate(manifest.chunks()):
+            shard, digest = shards_of(rows, num_shards)
+            record_problems(rows, problems)
+            count_loras(rows, loras)
+            valid = rows.column("reason").is_null().to_numpy(zero_copy_only=False)
+            counts = pc.fill_null(rows.column("num_images"), 1).to_numpy(zero_copy_only=False)
+            images += np.bincount(shard[valid].astype(np.int64), weights=counts[valid],
+                                  minlength=num_shards).astype(np.int64)
+            skipped += np.bincount(shard[~valid].astype(np.int64), minlength=num_shards)
+            digests.append(digest[valid])
+            if written is not None:
+                written.result()  # one chunk in writing at a time: memory stays bounded
+            written = writer.submit(write_part, rows, shard, folder / f"part-{part:05d}.parquet")
+        if written is not None:
+            written.result()
     plan = Plan(folder, {"num_shards": num_shards})
     digests = np.concatenate(digests) if digests else np.zeros(0, np.uint64)
     _add_duplicates(plan, digests, num_shards, problems)
@@ -180,6 +186,14 @@ def build(manifest: Manifest, num_shards: int, folder: Path) -> dict:
             "num_shards": num_shards, "passthrough": list(manifest.passthrough.values()),
             "images_per_shard": images.tolist(), "skipped_per_shard": skipped.tolist(),
             "problems": problems.to_json(), "loras": loras}
+
+
+def write_part(rows: pa.Table, shard: np.ndarray, path: Path) -> None:
+    """One chunk's rows sorted by shard, in small row groups; no dictionary encoding (ids and prompts are unique
+    text, so building dictionaries for them only costs time)."""
+    order = np.argsort(shard, kind="stable")
+    table = rows.append_column("shard", pa.array(shard.astype(np.int64))).take(order)
+    pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS, use_dictionary=False)
 
 
 def _add_duplicates(plan: Plan, digests: np.ndarray, num_shards: int, problems: Problems) -> None:
@@ -200,9 +214,9 @@ def _add_duplicates(plan: Plan, digests: np.ndarray, num_shards: int, problems: 
 
 
 def open_plan(manifest: Manifest, output_dir: Path, num_shards: int, settings: dict, holder: Holder,
-              lease_s: float, heartbeat: Heartbeat) -> Plan:
+              lease_s: float, heartbeat: Heartbeat, on_planning=lambda: None) -> Plan:
     """Today's plan: read it if it exists, else make it (one worker plans; the others wait for it, and take over
-    if the planner's lease expires)."""
+    if the planner's lease expires). `on_planning` runs when this worker starts planning."""
     pid = plan_id(manifest.fingerprint(), num_shards, settings)
     folder = output_dir / "plans" / pid
     lease = Lease(output_dir / "leases" / f"plan-{pid}", holder, lease_s)
@@ -210,6 +224,7 @@ def open_plan(manifest: Manifest, output_dir: Path, num_shards: int, settings: d
     while not (folder / PLAN_FILE).exists():
         busy = lease.acquire()
         if busy is None:
+            on_planning()
             heartbeat.add(lease)
             try:
                 _make(manifest, folder, num_shards, lease)

@@ -1,6 +1,7 @@
 """One worker process: check the setup, get today's plan and see what is left, all before importing torch (a
 mistake or a rerun with nothing to do costs a second); then hand the rendering to sdbatch.job, and summarise."""
 
+import importlib
 import logging
 import os
 import sys
@@ -87,7 +88,7 @@ def prepare(cfg, output_dir: Path, heartbeat: Heartbeat, start: float) -> Prepar
     num_shards = folder_shards(output_dir) or num_shards_for(manifest.num_rows, cfg.shard_size)
     open_folder(output_dir, run_level, num_shards, cfg.overwrite, cfg.shard_size, check_only=True)
     holder = Holder.this_process(f"worker {worker.index} of {worker.count}")
-    plan = open_plan(manifest, output_dir, num_shards, run_level, holder, cfg.lease_s, heartbeat)
+    plan = open_plan(manifest, output_dir, num_shards, run_level, holder, cfg.lease_s, heartbeat, warm_imports)
     problems, lora_files = plan.problems, LoraFiles()
     problems.kinds.update(lora_problems(plan.loras, lora_files.problem).kinds)
     if problems.count and cfg.on_invalid == "error":
@@ -100,6 +101,13 @@ def prepare(cfg, output_dir: Path, heartbeat: Heartbeat, start: float) -> Prepar
                              if lora_files.problem(path)})
     ctx.run_level = run_level  # the job records it in sdbatch.json once the model has loaded
     return Prepared(ctx, ShardQueue(ctx, cfg.steal), device, dtype, run_loras, image_format, lora_files, start)
+
+
+def warm_imports() -> None:
+    """A new plan means work to render, and planning a big manifest is seconds of mostly Arrow work that lets go
+    of the GIL: import torch, diffusers and the rest of sdbatch.job meanwhile, on a thread."""
+    threading.Thread(target=importlib.import_module, args=("sdbatch.job",), name="sdbatch-imports",
+                     daemon=True).start()
 
 
 def device_name(device: str) -> str:

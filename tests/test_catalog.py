@@ -13,7 +13,7 @@ from sdbatch.writer import read_parameters, read_provenance
 FAST = ["model=tiny", "steps=2", "progress=false"]
 
 
-@pytest.mark.parametrize("image_format, suffix", [("webp", ".webp"), ("jpeg", ".jpg")])
+@pytest.mark.parametrize("image_format, suffix", [("webp", ".webp")])  # JPEG's metadata: tests/test_writer.py
 def test_lossy_formats_carry_the_a1111_text_and_are_readopted_after_a_lost_ledger(tmp_path, image_format, suffix):
     write_manifest(tmp_path / "catalog.parquet", {"id": ["a", "b"], "prompt": ["a red cat", "a blue dog"],
                                                   "negative_prompt": ["blurry", None]})

@@ -94,15 +94,15 @@ def test_a_stalled_worker_is_superseded_and_its_late_writes_are_refused(tmp_path
 
 
 def test_a_nightly_run_with_few_changed_rows_per_shard_still_fills_its_batches(tmp_path):
-    ids = [f"sku-{i:03d}" for i in range(400)]
+    ids = [f"sku-{i:03d}" for i in range(200)]
     day1 = write_manifest(tmp_path / "day1.parquet", {"id": ids, "prompt": [f"product {i}" for i in ids]})
     out = tmp_path / "out"
-    first = Run(tmp_path, day1, out, "steps=1", "shard_size=20", "batch_size=32")
+    first = Run(tmp_path, day1, out, "steps=1", "shard_size=10", "batch_size=32")
     assert first.wait() == 0, first.stderr
     changed = {sku for shard in range(20) for sku in sorted(i for i in ids if _shard(i) == shard)[:2]}
     day2 = write_manifest(tmp_path / "day2.parquet", {
         "id": ids, "prompt": [f"product {i}, new season" if i in changed else f"product {i}" for i in ids]})
-    nightly = Run(tmp_path, day2, out, "steps=1", "shard_size=20", "batch_size=8")
+    nightly = Run(tmp_path, day2, out, "steps=1", "shard_size=10", "batch_size=8")
     assert nightly.wait() == 0, nightly.stderr
     assert nightly.summary("images rendered") == [len(changed)] and len(changed) == 40
     mean = float(re.search(r"mean batch ([\d.]+)", nightly.stdout).group(1))
