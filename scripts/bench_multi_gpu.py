@@ -4,6 +4,11 @@ one GPU, each physical GPU's share, the time until every GPU renders, exactly-on
 
     python scripts/bench_multi_gpu.py --images 384 --out docs/benchmarks/multi-gpu-h100-x2.json
 
+Steady images/s count the window in which every worker renders: from the end of the last worker's first batch
+(load and warm-up) to the end of the first worker's last batch (the uneven tail of a finite catalog). The rate up
+to the last image is reported beside it. `--gpus 2` on a bigger machine uses its first two GPUs; a one-GPU run
+already in `--work` is reused, so several GPU counts compare against one baseline.
+
 Shards hold `--shard-size` rows (default: enough for several full batches per worker), and batches fill across
 shards, so every UNet call is full. On a one-GPU machine the "all GPUs" run is the one-GPU run again.
 """
@@ -52,16 +57,16 @@ def measure(name: str, out: Path, started: float, images: int, batch: int) -> di
         shares[worker] = shares.get(worker, 0) + 1
         first[worker] = min(first.get(worker, math.inf), r["finished_at"].timestamp())
     first_batches = len(shares) * batch  # each worker's first batch carries its load and warm-up time
-    steady = (images - first_batches) / (finished[-1] - finished[first_batches - 1])
+    to_last = (images - first_batches) / (finished[-1] - finished[first_batches - 1])
     batches = sorted({(r["worker_index"], r["batch_size"]) for r in rows})
     return {"name": name, "images": images, "wall_s": finished[-1] - started,
-            "images_per_s_wall": images / (finished[-1] - started), "images_per_s_steady": steady,
-            "images_per_s_all_rendering": all_rendering_rate(rows, batch), "share": shares,
+            "images_per_s_wall": images / (finished[-1] - started), "images_per_s_steady": steady_rate(rows, batch),
+            "images_per_s_to_last_image": to_last, "share": shares,
             "first_image_s": {w: t - started for w, t in first.items()},
             "all_gpus_rendering_after_s": max(first.values()) - started, "batch_sizes": batches}
 
 
-def all_rendering_rate(rows: list[dict], batch: int) -> float:
+def steady_rate(rows: list[dict], batch: int) -> float:
     """Images/s while every worker renders: from the moment the last worker finished its first batch to the moment
     the first worker finished its last one (the start-up and the end's uneven tail left out)."""
     by_worker = {}
@@ -91,6 +96,19 @@ def write_catalog(path: Path, images: int) -> None:
                              "prompt": [f"studio photo of product {i}, white background" for i in range(images)]}), path)
 
 
+def one_gpu_run(work: Path, catalog: Path, args) -> dict:
+    """The one-GPU baseline, measured once per --work folder and reused by later GPU counts."""
+    saved = work / "one_gpu.json"
+    if saved.exists():
+        return json.loads(saved.read_text())
+    start = time.time()
+    assert render(work / "one_gpu", catalog, args, "0") == 0, "one GPU"
+    run = measure("one GPU", work / "one_gpu", start, args.images_one_gpu, args.batch)
+    print(run, flush=True)
+    saved.write_text(json.dumps(run, default=str))
+    return run
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd15")
@@ -101,6 +119,7 @@ def main():
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--shard-size", type=int, default=32, help="rows per shard: small enough to steal at the end")
+    parser.add_argument("--gpus", type=int, default=0, help="use the first N GPUs (default: all)")
     parser.add_argument("--work", default="/tmp/sdbatch-multi-gpu")
     parser.add_argument("--out", default="docs/benchmarks/multi-gpu-h200.json")
     args = parser.parse_args()
@@ -109,29 +128,28 @@ def main():
     manifest, baseline = work / "catalog.parquet", work / "catalog-one-gpu.parquet"
     write_catalog(manifest, args.images)
     write_catalog(baseline, args.images_one_gpu)
-    count = torch.cuda.device_count()
+    count = args.gpus or torch.cuda.device_count()
     all_gpus = ",".join(str(i) for i in range(count))
-    report = {"gpus": [torch.cuda.get_device_name(i) for i in range(count)], "command": " ".join(sys.argv), "runs": []}
-    for name, folder, gpus, catalog, images in (("one GPU", "one_gpu", "0", baseline, args.images_one_gpu),
-                                                (f"{count} GPUs, processes=auto", "all_gpus", all_gpus, manifest,
-                                                 args.images)):
-        start = time.time()
-        assert render(work / folder, catalog, args, gpus) == 0, name
-        report["runs"].append(measure(name, work / folder, start, images, args.batch))
-        print(report["runs"][-1], flush=True)
-    tasks_out = work / "array_tasks"
+    report = {"gpus": [torch.cuda.get_device_name(i) for i in range(count)], "gpus_on_machine": torch.cuda.device_count(),
+              "command": " ".join(sys.argv),
+              "runs": [one_gpu_run(work, baseline, args)]}
+    all_out, tasks_out = work / f"gpus_{count}", work / f"array_tasks_{count}"
+    start = time.time()
+    assert render(all_out, manifest, args, all_gpus) == 0
+    report["runs"].append(measure(f"{count} GPUs, processes=auto", all_out, start, args.images, args.batch))
+    print(report["runs"][-1], flush=True)
     start = time.time()
     tasks = [render(tasks_out, manifest, args, str(i), f"worker_index={i}", f"num_workers={count}", background=True)
              for i in range(count)]
     assert [t.wait() for t in tasks] == [0] * count
     report["runs"].append(measure(f"{count} array tasks", tasks_out, start, args.images, args.batch))
     print(report["runs"][-1], flush=True)
-    report["same_images_as_one_gpu"] = {"processes=auto": same_images(work / "one_gpu", work / "all_gpus"),
+    report["same_images_as_one_gpu"] = {"processes=auto": same_images(work / "one_gpu", all_out),
                                         "array tasks": same_images(work / "one_gpu", tasks_out)}
     one = report["runs"][0]
     report["scaling_steady"] = {run["name"]: run["images_per_s_steady"] / one["images_per_s_steady"]
                                 for run in report["runs"][1:]}
-    report["scaling_all_rendering"] = {run["name"]: run["images_per_s_all_rendering"] / one["images_per_s_steady"]
+    report["scaling_to_last_image"] = {run["name"]: run["images_per_s_to_last_image"] / one["images_per_s_steady"]
                                        for run in report["runs"][1:]}
     print(json.dumps(report, indent=1, default=str))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
