@@ -4,9 +4,9 @@ one GPU, each physical GPU's share, the time until every GPU renders, exactly-on
 
     python scripts/bench_multi_gpu.py --images 384 --out docs/benchmarks/multi-gpu-h100-x2.json
 
-Steady images/s count the window in which every worker renders: from the end of the last worker's first batch
-(load and warm-up) to the end of the first worker's last batch (the uneven tail of a finite catalog). The rate up
-to the last image is reported beside it. `--gpus 2` on a bigger machine uses its first two GPUs; a one-GPU run
+Steady images/s add up each worker's own rate over its full batches after the first (which carries load and
+warm-up): the partial batches and uneven tail of a finite catalog's end are left out. Beside it: the rate in the window where every worker
+renders, the rate up to the last image, and each worker's GPU seconds per image (denoise, VAE) from the ledger. `--gpus 2` on a bigger machine uses its first two GPUs; a one-GPU run
 already in `--work` is reused, so several GPU counts compare against one baseline.
 
 Shards hold `--shard-size` rows (default: enough for several full batches per worker), and batches fill across
@@ -15,7 +15,6 @@ shards, so every UNet call is full. On a one-GPU machine the "all GPUs" run is t
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -50,25 +49,54 @@ def measure(name: str, out: Path, started: float, images: int, batch: int) -> di
     keys = [(r["id"], r["image_index"]) for r in rows]
     assert len(keys) == len(set(keys)) == images, f"{name}: {len(keys)} ledger rows, {len(set(keys))} distinct"
     assert all(r["status"] == "ok" and (out / r["image_path"]).exists() for r in rows), f"{name}: missing images"
+    return rates(name, rows, started, batch)
+
+
+def rates(name: str, rows: list[dict], started: float, batch: int) -> dict:
     finished = sorted(r["finished_at"].timestamp() for r in rows)
-    shares, first = {}, {}
+    workers = {}
     for r in rows:
-        worker = f"worker {r['worker_index']} on {r['device']}"
-        shares[worker] = shares.get(worker, 0) + 1
-        first[worker] = min(first.get(worker, math.inf), r["finished_at"].timestamp())
-    first_batches = len(shares) * batch  # each worker's first batch carries its load and warm-up time
-    to_last = (images - first_batches) / (finished[-1] - finished[first_batches - 1])
-    batches = sorted({(r["worker_index"], r["batch_size"]) for r in rows})
-    return {"name": name, "images": images, "wall_s": finished[-1] - started,
-            "images_per_s_wall": images / (finished[-1] - started), "images_per_s_steady": steady_rate(rows, batch),
-            "images_per_s_to_last_image": to_last, "share": shares,
-            "first_image_s": {w: t - started for w, t in first.items()},
-            "all_gpus_rendering_after_s": max(first.values()) - started, "batch_sizes": batches}
+        workers.setdefault(f"worker {r['worker_index']} on {r['device']}", []).append(r)
+    per_worker = {worker: worker_rates(mine, batch, started) for worker, mine in workers.items()}
+    first_batches = len(workers) * batch
+    return {"name": name, "images": len(rows), "wall_s": finished[-1] - started,
+            "images_per_s_wall": len(rows) / (finished[-1] - started),
+            "images_per_s_steady": sum(w["images_per_s_steady"] for w in per_worker.values()),
+            "images_per_s_window": window_rate(rows, batch),
+            "images_per_s_to_last_image": (len(rows) - first_batches) / (finished[-1] - finished[first_batches - 1]),
+            "per_worker": per_worker, "all_gpus_rendering_after_s": max(w["first_image_s"] for w in per_worker.values()),
+            "batch_sizes": sorted({(r["worker_index"], r["batch_size"]) for r in rows})}
 
 
-def steady_rate(rows: list[dict], batch: int) -> float:
+def batches(rows: list[dict]) -> list[tuple[int, float]]:
+    """One worker's batches in order, as (size, finished): a worker renders one batch at a time, and each of its
+    rows carries the batch's size."""
+    rows = sorted(rows, key=lambda r: r["finished_at"])
+    done, at = [], 0
+    while at < len(rows):
+        size = rows[at]["batch_size"]
+        done.append((size, max(r["finished_at"].timestamp() for r in rows[at:at + size])))
+        at += size
+    return done
+
+
+def worker_rates(rows: list[dict], batch: int, started: float) -> dict:
+    """One worker's steady rate: its full batches after the first (which carries load and warm-up), each timed from
+    the end of the batch before; the partial batches of the catalog's end are left out. Also its GPU seconds per
+    image."""
+    done = batches(rows)
+    full = [(size, end - before) for (size, end), (_, before) in zip(done[1:], done) if size == batch]
+    return {"images": len(rows), "first_image_s": min(r["finished_at"].timestamp() for r in rows) - started,
+            "batches": len(done), "full_batches_timed": len(full),
+            "images_per_s_steady": sum(s for s, _ in full) / sum(t for _, t in full) if full else 0.0,
+            "denoise_s_per_image": sum(r["denoise_s"] or 0 for r in rows) / len(rows),
+            "vae_decode_s_per_image": sum(r["vae_decode_s"] or 0 for r in rows) / len(rows)}
+
+
+def window_rate(rows: list[dict], batch: int) -> float:
     """Images/s while every worker renders: from the moment the last worker finished its first batch to the moment
-    the first worker finished its last one (the start-up and the end's uneven tail left out)."""
+    the first worker finished its last one (the start-up and the end's uneven tail left out). Workers finish whole
+    batches, so the window's edges cut batches: within a batch of the true rate over a long run only."""
     by_worker = {}
     for r in rows:
         by_worker.setdefault(r["worker_index"], []).append(r["finished_at"].timestamp())
@@ -148,6 +176,8 @@ def main():
                                         "array tasks": same_images(work / "one_gpu", tasks_out)}
     one = report["runs"][0]
     report["scaling_steady"] = {run["name"]: run["images_per_s_steady"] / one["images_per_s_steady"]
+                                for run in report["runs"][1:]}
+    report["scaling_window"] = {run["name"]: run["images_per_s_window"] / one["images_per_s_steady"]
                                 for run in report["runs"][1:]}
     report["scaling_to_last_image"] = {run["name"]: run["images_per_s_to_last_image"] / one["images_per_s_steady"]
                                        for run in report["runs"][1:]}
