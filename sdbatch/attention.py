@@ -181,7 +181,8 @@ def choose(cfg, model, device: torch.device, dtype: torch.dtype, batch_size: int
     runnable = [v for v, problem in zip(variants, problems) if problem is None]
     if cfg.name != "auto" and not runnable:
         raise SdbatchError(problems[0])
-    level = logging.WARNING if device.type == "cuda" else logging.DEBUG  # on a CPU, fused kernels are not expected
+    # fused kernels are expected on a GPU in fp16/bf16 only (flash and cuDNN attention have no fp32 kernels)
+    level = logging.WARNING if device.type == "cuda" and dtype != torch.float32 else logging.DEBUG
     for variant, problem in zip(variants, problems):
         if problem:
             log.log(level, "attention=%s: leaving out %s: %s", cfg.name, describe(variant), problem)
