@@ -31,7 +31,7 @@ def test_two_of_three_workers_render_the_shards_of_one_that_never_started(tmp_pa
                for i in (0, 1)]  # worker 2's array task never ran
     assert [w.wait() for w in workers] == [0, 0], [w.stderr for w in workers]
     rows = assert_exactly_once(out)
-    assert {r["worker_index"] for r in rows} == {0, 1}
+    assert {r["worker_index"] for r in rows} <= {0, 1}  # both, unless one started so late that the other stole all
     orphaned = {r["shard"] for r in rows if r["shard"] % 3 == 2}
     assert orphaned, "worker 2 owned no shard with images"
     helped = sum(w.summary("of other workers' rendered")[0] for w in workers)
