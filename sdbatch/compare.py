@@ -198,6 +198,10 @@ def main() -> None:
     except SdbatchError as error:
         print(f"sdbatch.compare: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:  # output_dir (or an image in a folder) cannot be written or read
+        print(f"sdbatch.compare: error: {error.filename}: {error.strerror}. Choose an output_dir= you can write to, "
+              "and folders that sdbatch rendered.", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

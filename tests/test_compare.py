@@ -72,6 +72,7 @@ def test_a_render_that_fails_passes_on_its_message_and_exit_code(compared):
     (["a=x"], "give only a=DIR and b=DIR"),
     (["a=x", "b=y", "a.steps=3"], "give only a=DIR and b=DIR"),
     (["a=nowhere", "b=nowhere"], "There is no ledger folder at nowhere/ledger"),
+    (["prompts=catalog.parquet", "output_dir=catalog.parquet/x"], "catalog.parquet/x: Not a directory"),
 ])
 def test_mistakes_get_one_paragraph_and_exit_2(compared, args, message):
     tmp, _ = compared
