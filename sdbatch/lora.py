@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from sdbatch import SdbatchError
+from sdbatch.models import has_adapter
 
 log = logging.getLogger("sdbatch")
 CACHE_SIZE = 8  # per-row adapters kept loaded at once; the least recently used one goes first
@@ -288,11 +289,9 @@ def unfuse_adapted_projections(unet) -> None:
     """Attention layers whose Q/K/V projections now carry a LoRA go back to separate projections: the fused matmul
     (fuse_qkv) was built from the plain weights and would skip the LoRA."""
     from diffusers.models.attention_processor import Attention
-    from peft.tuners.tuners_utils import BaseTunerLayer
     for module in unet.modules():
-        if isinstance(module, Attention) and getattr(module, "fused_projections", False):
-            if any(isinstance(getattr(module, p, None), BaseTunerLayer) for p in ("to_q", "to_k", "to_v")):
-                module.fused_projections = False
+        if isinstance(module, Attention) and getattr(module, "fused_projections", False) and has_adapter(module):
+            module.fused_projections = False
 
 
 # ---------------------------------------------------------------- run-level LoRAs

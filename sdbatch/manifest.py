@@ -190,7 +190,7 @@ class Manifest:
         for name in WHOLE_NUMBER_COLUMNS:
             columns[name] = _whole_numbers(table, name, bad)
         self._within_limits(columns, bad)
-        columns["guidance_scale"] = _guidance(table, bad)
+        columns["guidance_scale"] = _finite_numbers(table, "guidance_scale", bad)
         columns["lora"], columns["lora_scale"] = _lora(table, bad)
         _check_seeds(columns["seed"], columns["num_images"], table, bad)
         columns["reason"] = bad.reasons()
@@ -457,39 +457,33 @@ def _whole_numbers(table: pa.Table, name: str, bad: _BadRows) -> pa.Array:
     return pa.array(as_int, pa.int64(), mask=~keep)
 
 
-def _guidance(table: pa.Table, bad: _BadRows) -> pa.Array:
-    column = _column(table, "guidance_scale")
+def _finite_numbers(table: pa.Table, name: str, bad: _BadRows) -> pa.Array:
+    """A float64 column: finite values kept, the rest null (and their rows marked)."""
+    column = _column(table, name)
     if column is None or pa.types.is_null(column.type):
+        return pa.nulls(table.num_rows, pa.float64())
+    if not _is_number(column.type):  # only where _type_fits lets the file through (lora_scale)
+        bad.mark(~_nulls(column), f"{name} is not a number (the column holds {column.type})")
         return pa.nulls(table.num_rows, pa.float64())
     column = column.cast(pa.float64())
     finite = np.isfinite(pc.fill_null(column, 0.0).to_numpy(zero_copy_only=False))
-    bad.mark(~finite & ~_nulls(column), "guidance_scale is not a finite number")
+    bad.mark(~finite & ~_nulls(column), f"{name} is not a finite number")
     return pc.if_else(pa.array(finite), column, None)
 
 
 def _lora(table: pa.Table, bad: _BadRows) -> tuple[pa.Array, pa.Array]:
     """The LoRA path (text) and its scale (a finite number); a scale needs a path."""
-    count = table.num_rows
-    path, scale = _column(table, "lora"), _column(table, "lora_scale")
+    path = _column(table, "lora")
     if path is None or pa.types.is_null(path.type):
-        path = pa.nulls(count, pa.string())
+        path = pa.nulls(table.num_rows, pa.string())
     elif not _is_text(path.type):
         bad.mark(~_nulls(path), f"lora is not text (the column holds {path.type})")
-        path = pa.nulls(count, pa.string())
+        path = pa.nulls(table.num_rows, pa.string())
     else:
         path = _valid_utf8(path, bad, "lora is not valid UTF-8")
         blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(path)), 0), False)
         bad.mark(blank.to_numpy(zero_copy_only=False), "lora is empty")
-    if scale is None or pa.types.is_null(scale.type):
-        scale = pa.nulls(count, pa.float64())
-    elif not _is_number(scale.type):
-        bad.mark(~_nulls(scale), f"lora_scale is not a number (the column holds {scale.type})")
-        scale = pa.nulls(count, pa.float64())
-    else:
-        scale = scale.cast(pa.float64())
-        finite = np.isfinite(pc.fill_null(scale, 0.0).to_numpy(zero_copy_only=False))
-        bad.mark(~finite & ~_nulls(scale), "lora_scale is not a finite number")
-        scale = pc.if_else(pa.array(finite), scale, None)
+    scale = _finite_numbers(table, "lora_scale", bad)
     bad.mark(~_nulls(scale) & _nulls(path) & ~bad.mask, "lora_scale without a lora")
     return path, scale
 

@@ -46,6 +46,17 @@ def write_manifest(path, columns, schema=None) -> Path:
     return path
 
 
+def write_hive_parts(folder, key: str, parts: dict) -> Path:
+    """A manifest as Spark writes one: folder/KEY=VALUE/part-00000.parquet for each {VALUE: [ids]}, and _SUCCESS."""
+    folder = Path(folder)
+    for value, ids in parts.items():
+        (folder / f"{key}={value}").mkdir(parents=True)
+        pq.write_table(pa.table({"id": ids, "prompt": [f"product {i}" for i in ids]}),
+                       folder / f"{key}={value}" / "part-00000.parquet")
+    (folder / "_SUCCESS").write_text("")
+    return folder
+
+
 def read_ledgers(output_dir) -> list[dict]:
     """All rows of all shard ledgers, sorted by (id, image_index)."""
     rows = []

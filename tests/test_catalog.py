@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import cli, read_ledgers, write_manifest
+from conftest import cli, read_ledgers, write_hive_parts, write_manifest
 from sdbatch.writer import read_parameters, read_provenance
 
 FAST = ["model=tiny", "steps=2", "progress=false"]
@@ -49,12 +49,7 @@ def test_changing_the_format_is_refused_unless_overwrite(tmp_path):
 
 
 def test_a_folder_of_hive_part_files_is_one_manifest(tmp_path):
-    catalog = tmp_path / "catalog"
-    for day, ids in (("2026-11-25", ["a", "b"]), ("2026-11-26", ["c"])):
-        (catalog / f"day={day}").mkdir(parents=True)
-        pq.write_table(pa.table({"id": ids, "prompt": [f"product {i}" for i in ids]}),
-                       catalog / f"day={day}" / "part-00000.parquet")
-    (catalog / "_SUCCESS").write_text("")
+    catalog = write_hive_parts(tmp_path / "catalog", "day", {"2026-11-25": ["a", "b"], "2026-11-26": ["c"]})
     result = cli(tmp_path, "prompts=catalog", "output_dir=out", *FAST)
     assert result.returncode == 0, result.stderr
     rows = read_ledgers(tmp_path / "out")

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import write_hive_parts
 from sdbatch import SdbatchError
 from sdbatch import manifest as manifest_module
 from sdbatch.manifest import Defaults, Manifest, derive_seed
@@ -304,12 +305,7 @@ def test_chunks_and_shards_change_nothing(tmp_path, monkeypatch):
 
 
 def test_a_folder_of_parts_is_one_manifest_with_partition_columns(tmp_path):
-    folder = tmp_path / "catalog"
-    for category, ids in (("bags", ["b1", "b2"]), ("shoes", ["s1"])):
-        (folder / f"category={category}").mkdir(parents=True)
-        pq.write_table(pa.table({"id": ids, "prompt": [f"a {i}" for i in ids]}),
-                       folder / f"category={category}" / "part-00000.parquet")
-    (folder / "_SUCCESS").write_text("")
+    folder = write_hive_parts(tmp_path / "catalog", "category", {"bags": ["b1", "b2"], "shoes": ["s1"]})
     manifest = read_manifest(folder)
     assert sorted((j.id, j.extra["category"]) for j in manifest.jobs) == [("b1", "bags"), ("b2", "bags"),
                                                                           ("s1", "shoes")]
