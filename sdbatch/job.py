@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from sdbatch import EXIT_INTERRUPTED, SdbatchError, attention
+from sdbatch import EXIT_INTERRUPTED, SdbatchError, attention, fp8
 from sdbatch.batcher import Batcher, ShardQueue
 from sdbatch.ledger import ROW_INDEX, open_folder
 from sdbatch.lora import Adapters, fuse_run_loras
@@ -40,18 +40,23 @@ def render(prepared: Prepared) -> int:
         problem = attention.why_not(cfg.attention.name, attention_options(cfg), device, dtype)
         if problem:
             raise SdbatchError(problem)
+    loading = time.perf_counter()
     model = load_model(cfg.model).to(device, dtype)
     fuse_run_loras(model, prepared.run_loras)
+    choosing = time.perf_counter()
     width, height = ctx.defaults.width, ctx.defaults.height
     choice = attention.choose(cfg.attention, model, device, dtype, cfg.batch_size, width, height)
     attention.apply(model, choice)
+    log.info("%.1fs after start: model loaded in %.1fs, attention chosen in %.1fs%s", time.perf_counter() -
+             prepared.start, choosing - loading, time.perf_counter() - choosing,
+             "; the first batch compiles (or loads the compile cache)" if cfg.compile and device.type == "cuda" else "")
     open_folder(ctx.output_dir, ctx.run_level, ctx.plan.num_shards, cfg.overwrite, cfg.shard_size)
     adapters = None
-    if ctx.plan.loras:  # per-row LoRAs: prepared before torch.compile sees the UNet
-        adapters = Adapters(model, slot=cfg.compile and device.type == "cuda")
+    if ctx.plan.loras:  # per-row LoRAs: a slot made before torch.compile or the fp8 swap sees the UNet
+        adapters = Adapters(model, slot=(cfg.compile and device.type == "cuda") or prepared.dtype == "fp8")
         adapters.prepare({path: prepared.lora_files.state(path) for path in ctx.plan.loras
                           if prepared.lora_files.state(path)})
-    speed_up(model, cfg, ctx.output_dir)
+    speed_up(model, cfg, ctx.output_dir, fp8=prepared.dtype == "fp8")
     ctx.ledger_fields = {"attention_backend": choice.label, "attention_detail": choice.detail, "model": model.name,
                          "scheduler": cfg.scheduler.name, "worker_index": ctx.worker.index,
                          "num_workers": ctx.worker.count, "device": device_label(device)}
@@ -59,7 +64,7 @@ def render(prepared: Prepared) -> int:
                         max_prompt_chunks=cfg.max_prompt_chunks, adapters=adapters)
     ctx.text_windows = renderer.windows
     job = Job(ctx, prepared.queue, renderer, ImageWriter(cfg.write_threads, prepared.image_format),
-              provenance_base(cfg, model, choice, prepared.run_loras))
+              provenance_base(cfg, model, choice, prepared.run_loras, prepared.dtype))
     log.info("worker %d of %d (%s) on %s, attention %s: %d of %d shards are its own%s", ctx.worker.index,
              ctx.worker.count, ctx.worker.source, ctx.ledger_fields["device"], choice.label, len(prepared.queue.own),
              ctx.plan.num_shards, "; then it helps with the others" if cfg.steal else "")
@@ -223,17 +228,19 @@ def attention_options(cfg) -> dict:
     return {k: v for k, v in cfg.attention.items() if k != "name"}
 
 
-def speed_up(model, cfg, output_dir: Path) -> None:
-    """GPU levers: cuDNN autotuning (every batch has one static shape), fused projections, torch.compile with a
-    compile cache kept in the output folder so array tasks and nightly reruns reuse it."""
-    if model.device.type != "cuda":
-        return
-    torch.backends.cudnn.benchmark = True
-    if cfg.compile:
+def speed_up(model, cfg, output_dir: Path, fp8: bool) -> None:
+    """FP8 matmuls where asked for; GPU levers: cuDNN autotuning (every batch has one static shape), fused
+    projections, torch.compile with a compile cache kept in the output folder so array tasks and nightly reruns
+    reuse it."""
+    gpu = model.device.type == "cuda"
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    if gpu and cfg.compile:
         cache = Path(cfg.compile_cache or output_dir / ".cache" / "torch").absolute()
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
         os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
-    model.optimise(cfg.fuse_qkv, cfg.channels_last, cfg.compile_mode if cfg.compile else None)
+    model.optimise(fuse_qkv=cfg.fuse_qkv and gpu, fp8=fp8, channels_last=cfg.channels_last and gpu,
+                   compile_mode=cfg.compile_mode if cfg.compile and gpu else None)
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -243,9 +250,12 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
         raise SdbatchError(f"device={device} was asked for, but torch sees no CUDA GPU here. Use device=cpu or device=auto.")
     if dtype == "auto":
         dtype = "fp16" if device.startswith("cuda") else "fp32"
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float16}
     if dtype not in dtypes:
         raise SdbatchError(f"dtype={dtype} is not one of auto, {', '.join(dtypes)}.")
+    problem = fp8.why_not(torch.device(device)) if dtype == "fp8" else None
+    if problem:
+        raise SdbatchError(problem)
     return torch.device(device), dtypes[dtype]
 
 
@@ -264,14 +274,15 @@ def device_label(device: torch.device) -> str:
     return f"cuda:{physical} ({props.name}{where})"
 
 
-def provenance_base(cfg, model, choice, run_loras: list) -> dict:
+def provenance_base(cfg, model, choice, run_loras: list, dtype: str) -> dict:
     import diffusers
     import transformers
     return {
         "model": {"name": model.name, "family": model.family, "weights": model.revision},
         "scheduler": OmegaConf.to_container(cfg.scheduler),
         "attention": {"backend": choice.label, "detail": choice.detail},
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype": "fp8 (e4m3 UNet transformer matmuls, float16 elsewhere)" if dtype == "fp8"
+        else str(model.dtype).removeprefix("torch."),
         "lora": {"run": run_loras, "row": None},
         "versions": {"sdbatch": __import__("sdbatch").__version__, "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "transformers": transformers.__version__},

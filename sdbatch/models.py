@@ -76,10 +76,13 @@ class Model:
         # SDXL's VAE overflows in fp16; diffusers' SDXL pipeline upcasts it the same way (its SD pipeline does not).
         return self.family == "sdxl" and dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
 
-    def optimise(self, fuse_qkv: bool, channels_last: bool, compile_mode: str | None) -> None:
+    def optimise(self, fuse_qkv: bool, fp8: bool, channels_last: bool, compile_mode: str | None) -> None:
         """Speed levers for fixed-shape GPU batches; call after the attention processors are set."""
         if fuse_qkv:
             fuse_projections(self)
+        if fp8:  # after fusing, so that the fused projections are converted too
+            from sdbatch.fp8 import convert_unet
+            convert_unet(self.unet)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)

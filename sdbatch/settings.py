@@ -157,7 +157,7 @@ RUN_RULES = {
     "num_workers": optional(whole(1)),
     "processes": processes,
     "device": device,
-    "dtype": choice("auto", "fp16", "bf16", "fp32"),
+    "dtype": choice("auto", "fp16", "bf16", "fp32", "fp8"),
     "compile": boolean,
     "compile_mode": choice("default", "max-autotune-no-cudagraphs", "max-autotune"),
     "compile_cache": optional(path),

@@ -108,6 +108,18 @@ def differs(a, b) -> bool:
 
 
 # ---------------------------------------------------------------- through the command line
+def test_per_row_loras_still_apply_with_fp8_matmuls(tmp_path, loras):
+    """dtype=fp8 leaves a projection that carries a LoRA in fp16: the adapter still changes its rows."""
+    mixed_manifest(tmp_path / "catalog.parquet", loras)
+    result = cli(tmp_path, "prompts=catalog.parquet", "output_dir=out", "model=tiny", "steps=2", "progress=false",
+                 "dtype=fp8")
+    assert result.returncode == 0, result.stderr
+    rendered = images(tmp_path / "out")
+    for name in ("a", "b", "a07", "b05"):
+        assert differs(rendered[name][1], rendered["none"][1]), name
+    assert differs(rendered["a"][1], rendered["a07"][1])
+
+
 def test_per_row_loras_change_pixels_and_batches_do_not(tmp_path, loras):
     mixed_manifest(tmp_path / "catalog.parquet", loras)
     first = cli(tmp_path, "prompts=catalog.parquet", "output_dir=one", "model=tiny", "steps=2", "progress=false",

@@ -1,0 +1,91 @@
+"""dtype=fp8: the UNet's transformer matmuls in FP8 with per-row scales (torch runs them on a CPU too, slowly)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdbatch import fp8
+from sdbatch.models import tiny_model
+
+PROMPTS = {"id": ["a", "b", "c", "d", "e"],
+           "prompt": ["a red vase", "a blue mug", "a green lamp", "a black chair", "a white sneaker"]}
+
+
+def images(output_dir, read_ledgers) -> dict:
+    """id -> (content key, pixels, provenance) of every image in the folder."""
+    result = {}
+    for row in read_ledgers(output_dir):
+        assert row["status"] == "ok"
+        with Image.open(output_dir / row["image_path"]) as image:
+            result[row["id"]] = (row["content_key"], np.asarray(image, np.float64), json.loads(image.text["sdbatch"]))
+    return result
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * np.log10(255 ** 2 / max(np.mean((a - b) ** 2), 1e-12))
+
+
+FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= fp8.MIN_CAPABILITY
+
+
+@pytest.mark.parametrize("where", [
+    pytest.param(("device=cpu",), id="cpu"),
+    pytest.param(("device=cuda", "compile=true"), id="gpu-compiled",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not FP8_GPU, reason="needs FP8 tensor cores")]),
+])
+def test_fp8_renders_close_to_fp16_under_its_own_content_key(tmp_path, cli, write_manifest, read_ledgers, where):
+    write_manifest(tmp_path / "catalog.parquet", PROMPTS)
+    for dtype in ("fp16", "fp8"):
+        result = cli(tmp_path, "prompts=catalog.parquet", f"output_dir={dtype}", "model=tiny", "steps=4",
+                     f"dtype={dtype}", "progress=false", *where)
+        assert result.returncode == 0, result.stderr
+    half, eight = images(tmp_path / "fp16", read_ledgers), images(tmp_path / "fp8", read_ledgers)
+    assert half.keys() == eight.keys() == set(PROMPTS["id"])
+    for key in half:
+        assert half[key][0] != eight[key][0], "an fp8 image must not pass for the fp16 one"
+        assert not np.array_equal(half[key][1], eight[key][1])
+        assert psnr(half[key][1], eight[key][1]) > 35, key
+        assert eight[key][2]["dtype"].startswith("fp8")
+
+
+def test_fp8_pixels_do_not_depend_on_the_batch(tmp_path, cli, write_manifest, read_ledgers):
+    write_manifest(tmp_path / "catalog.parquet", PROMPTS)
+    for batch in (1, 4):
+        result = cli(tmp_path, "prompts=catalog.parquet", f"output_dir=b{batch}", "model=tiny", "steps=4",
+                     "dtype=fp8", f"batch_size={batch}", "progress=false")
+        assert result.returncode == 0, result.stderr
+    one, four = images(tmp_path / "b1", read_ledgers), images(tmp_path / "b4", read_ledgers)
+    for key in one:
+        assert one[key][0] == four[key][0]
+        assert np.abs(one[key][1] - four[key][1]).max() <= 2, key
+
+
+def test_every_transformer_matmul_is_converted_and_nothing_else():
+    unet = tiny_model("sd").unet
+    linears = {name for name, module in unet.named_modules() if type(module) is torch.nn.Linear}
+    assert fp8.convert_unet(unet) == sum(".attentions." in name for name in linears) > 0
+    left = {name for name, module in unet.named_modules() if type(module) is torch.nn.Linear}
+    assert left and not any(".attentions." in name for name in left)  # the time embedding stays fp16
+
+
+def test_a_gpu_without_fp8_tensor_cores_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    message = fp8.why_not(torch.device("cuda"))
+    assert "NVIDIA A100-SXM4-80GB is 8.0" in message and "8.9" in message and "dtype=fp16" in message
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8.why_not(torch.device("cuda")) is None
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_an_fp8_linear_stays_within_e4m3_rounding_of_the_fp16_one(rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 128).half()
+    x = torch.randn(2, rows, 64, dtype=torch.float16)
+    exact = linear(x).float()
+    approx = fp8.Fp8Linear(linear)(x)
+    assert approx.shape == exact.shape and approx.dtype == torch.float16
+    assert (approx.float() - exact).norm() / exact.norm() < 0.06  # e4m3 keeps 3 mantissa bits: about 3.5% here
