@@ -6,7 +6,7 @@ same random-weight full-size model and the same prompts.
     python scripts/bench.py --mlperf --out docs/benchmarks/h100-mlperf-sdxl.json   # MLPerf Inference's SDXL settings
 
 --mlperf: SDXL base at 1024x1024, EulerDiscrete, 20 steps, CFG 8, MLPerf's fixed negative prompt; rows
-diffusers-sdpa-best, sdbatch-fp16-sdpa (eager) and sdbatch-fp16-best (compiled).
+diffusers-sdpa-best, sdbatch-fp16-sdpa (eager), sdbatch-fp16-best and sdbatch-fp8-best (compiled).
 
 Rows: diffusers-vanilla-b1, diffusers-xformers-b1, diffusers-sdpa-best (best of 16/32 prompts per call),
 sdbatch-xformers, sdbatch-sdpa, sdbatch-best. Per row: images/s (steady state, after the first call or batch),
@@ -186,7 +186,8 @@ def main():
     if args.mlperf:
         args.model, args.size, args.steps, args.scheduler, args.guidance = "sdxl", 1024, 20, "euler", 8.0
         args.negative, args.batch, args.diffusers_batches = MLPERF_NEGATIVE, 8, "8"
-        args.rows = "diffusers-sdpa-best,sdbatch-fp16-sdpa,sdbatch-fp16-best" if args.rows == "all" else args.rows
+        args.rows = ("diffusers-sdpa-best,sdbatch-fp16-sdpa,sdbatch-fp16-best,sdbatch-fp8-best" if args.rows == "all"
+                     else args.rows)
     if args.smoke:
         args.model, args.size, args.steps, args.images, args.batch = "tiny", 64, 2, 8, 4
     args.model_overrides = [] if args.model == "tiny" else ["model.random_weights=true"]
@@ -212,6 +213,7 @@ def main():
         ("sdbatch-best", lambda: sdbatch_row("sdbatch-best", args, best, args.images, work)),
         ("sdbatch-fp16-sdpa", lambda: sdbatch_row("sdbatch-fp16-sdpa", args, ["attention=sdpa", "dtype=fp16", f"batch_size={args.batch}"], args.images, work)),
         ("sdbatch-fp16-best", lambda: sdbatch_row("sdbatch-fp16-best", args, [*best, "dtype=fp16"], args.images, work)),
+        ("sdbatch-fp8-best", lambda: sdbatch_row("sdbatch-fp8-best", args, [*best, "dtype=fp8"], args.images, work)),
         ("sdbatch-best-warm-start", lambda: warm_start_row(args, best, 2 * args.batch, work)),
     ]
     work = work_dir()
@@ -223,6 +225,8 @@ def main():
             continue
         row = measure()
         report["rows"].append(row)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))  # what is measured survives a timeout
         print(f"{name:24s} {row['images_per_s']:6.2f} images/s  first image {row['time_to_first_image_s']:6.1f}s  "
               f"peak {row['peak_mem_gib'] or 0:5.1f} GiB", flush=True)
     if cuda():
