@@ -68,7 +68,7 @@ MISTAKES = {  # arguments -> words the one error line must hold
     "steps too many": (["steps=1200"], ["steps=1200", "scheduler=pndm", "at most 999"]),
     "steps too many, dpmpp on sdxl": (["model=sdxl", "model.random_weights=true", "scheduler=dpmpp", "steps=999"],
                                       ["steps=999", "at most 998"]),
-    "several at once": (["device=gpu", "steps=0", "dtype=fp8"], ["device=gpu", "steps=0", "dtype=fp8"]),
+    "several at once": (["device=gpu", "steps=0", "dtype=int8"], ["device=gpu", "steps=0", "dtype=int8"]),
     "a bad value in a sweep": (["-m", "worker_index=0,1", "num_workers=2", "steps=20,2000"],
                                ["steps=2000", "at most 999"]),
     "a key only one swept option has": (["-m", "attention=sdpa,xformers", "attention.kernel=flash"],

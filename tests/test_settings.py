@@ -62,7 +62,7 @@ BAD = {  # override -> words of the problem
     "lease_s=nan": "lease_s=nan must be a number of seconds above 0",
     "processes=0": "processes=0 must be auto or a whole number of at least 1",
     "processes=many": "processes=many must be auto or a whole number",
-    "dtype=fp8": "dtype=fp8 must be auto | fp16 | bf16 | fp32",
+    "dtype=int8": "dtype=int8 must be auto | fp16 | bf16 | fp32 | fp8",
     "on_invalid=ignore": "on_invalid=ignore must be error | skip",
     "compile_mode=fast": "compile_mode=fast must be default |",
     "progress=yes": "progress=yes must be true or false",
