@@ -53,10 +53,10 @@ def render(prepared: Prepared) -> int:
     open_folder(ctx.output_dir, ctx.run_level, ctx.plan.num_shards, cfg.overwrite, cfg.shard_size)
     adapters = None
     if ctx.plan.loras:  # per-row LoRAs: a slot made before torch.compile or the fp8 swap sees the UNet
-        adapters = Adapters(model, slot=(cfg.compile and device.type == "cuda") or prepared.dtype == "fp8")
+        adapters = Adapters(model, slot=(cfg.compile and device.type == "cuda") or cfg.dtype == "fp8")
         adapters.prepare({path: prepared.lora_files.state(path) for path in ctx.plan.loras
                           if prepared.lora_files.state(path)})
-    speed_up(model, cfg, ctx.output_dir, fp8=prepared.dtype == "fp8")
+    speed_up(model, cfg, ctx.output_dir)
     ctx.ledger_fields = {"attention_backend": choice.label, "attention_detail": choice.detail, "model": model.name,
                          "scheduler": cfg.scheduler.name, "worker_index": ctx.worker.index,
                          "num_workers": ctx.worker.count, "device": device_label(device)}
@@ -64,7 +64,7 @@ def render(prepared: Prepared) -> int:
                         max_prompt_chunks=cfg.max_prompt_chunks, adapters=adapters)
     ctx.text_windows = renderer.windows
     job = Job(ctx, prepared.queue, renderer, ImageWriter(cfg.write_threads, prepared.image_format),
-              provenance_base(cfg, model, choice, prepared.run_loras, prepared.dtype))
+              provenance_base(cfg, model, choice, prepared.run_loras))
     log.info("worker %d of %d (%s) on %s, attention %s: %d of %d shards are its own%s", ctx.worker.index,
              ctx.worker.count, ctx.worker.source, ctx.ledger_fields["device"], choice.label, len(prepared.queue.own),
              ctx.plan.num_shards, "; then it helps with the others" if cfg.steal else "")
@@ -228,7 +228,7 @@ def attention_options(cfg) -> dict:
     return {k: v for k, v in cfg.attention.items() if k != "name"}
 
 
-def speed_up(model, cfg, output_dir: Path, fp8: bool) -> None:
+def speed_up(model, cfg, output_dir: Path) -> None:
     """FP8 matmuls where asked for; GPU levers: cuDNN autotuning (every batch has one static shape), fused
     projections, torch.compile with a compile cache kept in the output folder so array tasks and nightly reruns
     reuse it."""
@@ -239,7 +239,7 @@ def speed_up(model, cfg, output_dir: Path, fp8: bool) -> None:
         cache = Path(cfg.compile_cache or output_dir / ".cache" / "torch").absolute()
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
         os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
-    model.optimise(fuse_qkv=cfg.fuse_qkv and gpu, fp8=fp8, channels_last=cfg.channels_last and gpu,
+    model.optimise(fuse_qkv=cfg.fuse_qkv and gpu, fp8=cfg.dtype == "fp8", channels_last=cfg.channels_last and gpu,
                    compile_mode=cfg.compile_mode if cfg.compile and gpu else None)
 
 
@@ -274,14 +274,14 @@ def device_label(device: torch.device) -> str:
     return f"cuda:{physical} ({props.name}{where})"
 
 
-def provenance_base(cfg, model, choice, run_loras: list, dtype: str) -> dict:
+def provenance_base(cfg, model, choice, run_loras: list) -> dict:
     import diffusers
     import transformers
     return {
         "model": {"name": model.name, "family": model.family, "weights": model.revision},
         "scheduler": OmegaConf.to_container(cfg.scheduler),
         "attention": {"backend": choice.label, "detail": choice.detail},
-        "dtype": "fp8 (e4m3 UNet transformer matmuls, float16 elsewhere)" if dtype == "fp8"
+        "dtype": "fp8 (e4m3 UNet transformer matmuls, float16 elsewhere)" if cfg.dtype == "fp8"
         else str(model.dtype).removeprefix("torch."),
         "lora": {"run": run_loras, "row": None},
         "versions": {"sdbatch": __import__("sdbatch").__version__, "torch": torch.__version__,

@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import compose_config
 from sdbatch import fp8
+from sdbatch.compare import psnr
 from sdbatch.models import tiny_model
 from sdbatch.run import run
 
@@ -24,10 +25,6 @@ def images(output_dir, read_ledgers) -> dict:
         with Image.open(output_dir / row["image_path"]) as image:
             result[row["id"]] = (row["content_key"], np.asarray(image, np.float64), json.loads(image.text["sdbatch"]))
     return result
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return 10 * np.log10(255 ** 2 / max(np.mean((a - b) ** 2), 1e-12))
 
 
 FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= fp8.MIN_CAPABILITY
