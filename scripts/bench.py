@@ -6,7 +6,8 @@ same random-weight full-size model and the same prompts.
     python scripts/bench.py --mlperf --out docs/benchmarks/h100-mlperf-sdxl.json   # MLPerf Inference's SDXL settings
 
 --mlperf: SDXL base at 1024x1024, EulerDiscrete, 20 steps, CFG 8, MLPerf's fixed negative prompt; rows
-diffusers-sdpa-best, sdbatch-fp16-sdpa (eager), sdbatch-fp16-best and sdbatch-fp8-best (compiled).
+diffusers-sdpa-best, sdbatch-fp16-sdpa (eager), and compiled: sdbatch-fp16-best, sdbatch-fp16-best-vae-bf16 (the
+VAE in bf16 instead of fp32), sdbatch-fp8-best-vae-bf16; sdbatch-fp8-best (fp8 with the fp32 VAE) on request.
 
 Rows: diffusers-vanilla-b1, diffusers-xformers-b1, diffusers-sdpa-best (best of 16/32 prompts per call),
 sdbatch-xformers, sdbatch-sdpa, sdbatch-best. Per row: images/s (steady state, after the first call or batch),
@@ -17,6 +18,7 @@ UNet's MFU against it (sdbatch rows: from the ledger's denoising time per step).
 import argparse
 import gc
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -107,22 +109,39 @@ def diffusers_row(name, args, model_cfg, processor, prompts_per_call, images):
 
 
 # ---------------------------------------------------------------- sdbatch rows
-def sdbatch_row(name, args, overrides, images, work: Path):
-    reset_memory()
+def run_overrides(args, name, images, work: Path) -> tuple[list, Path]:
+    """A manifest of `images` rows and the overrides every sdbatch row shares (model, size, sampler, prompts)."""
     manifest = work / f"{name}.parquet"
     pq.write_table(pa.table({"id": [f"{name}-{i}" for i in range(images)],
                              "prompt": [PROMPTS[i % len(PROMPTS)] for i in range(images)]}), manifest)
     out = work / name
-    cfg = config([f"prompts={manifest}", f"output_dir={out}", f"model={args.model}", f"steps={args.steps}",
-                  f"width={args.size}", f"height={args.size}", "progress=false", f"scheduler={args.scheduler}",
-                  f"guidance_scale={args.guidance}", f"negative_prompt='{args.negative}'", *args.model_overrides,
-                  *overrides])
-    start = time.time()
-    code = run(cfg)
-    assert code == 0, f"{name}: sdbatch exited {code}"
+    return [f"prompts={manifest}", f"output_dir={out}", f"model={args.model}", f"steps={args.steps}",
+            f"width={args.size}", f"height={args.size}", "progress=false", f"scheduler={args.scheduler}",
+            f"guidance_scale={args.guidance}", f"negative_prompt='{args.negative}'", *args.model_overrides], out
+
+
+def ledger_rows(out: Path, images: int, name: str) -> list[dict]:
     rows = sorted((r for f in (out / "ledger").glob("*.parquet") for r in pq.read_table(f).to_pylist()),
                   key=lambda r: r["finished_at"])
     assert len(rows) == images and all(r["status"] == "ok" for r in rows), f"{name}: not every image rendered"
+    return rows
+
+
+def first_batch_extra_s(rows: list[dict], batch: int) -> dict:
+    """Seconds the first batch spent per stage beyond a steady one: compiling, or loading the compile cache."""
+    def stage(name, part):
+        return sum(r[name] for r in part)
+    return {name.removesuffix("_s"): stage(name, rows[:batch]) - stage(name, rows[batch:2 * batch])
+            for name in ("text_encode_s", "denoise_s", "vae_decode_s")}
+
+
+def sdbatch_row(name, args, overrides, images, work: Path):
+    reset_memory()
+    shared, out = run_overrides(args, name, images, work)
+    start = time.time()
+    code = run(config([*shared, *overrides]))
+    assert code == 0, f"{name}: sdbatch exited {code}"
+    rows = ledger_rows(out, images, name)
     batch = rows[0]["batch_size"]
     first, last = rows[batch - 1]["finished_at"], rows[-1]["finished_at"]
     steady = (images - batch) / (last - first).total_seconds()
@@ -130,29 +149,43 @@ def sdbatch_row(name, args, overrides, images, work: Path):
     step_s = sum(r["denoise_s"] for r in rows[batch:]) / (images - batch) * batch / args.steps  # per UNet step
     row = {"name": name, "images_per_s": steady, "peak_mem_gib": peak_gib(), "time_to_first_image_s": load_s,
            "images": images, "batch_size": batch, "unet_step_ms": 1000 * step_s,
+           "first_batch_extra_s": first_batch_extra_s(rows, batch),
            "attention_backend": rows[-1]["attention_backend"], "overrides": overrides}
     shutil.rmtree(out, ignore_errors=True)
     return row
 
 
+STARTED = re.compile(r"([\d.]+)s after start: model loaded in ([\d.]+)s, attention chosen in ([\d.]+)s")
+
+
 def warm_start_row(args, overrides, images, work: Path):
     """The best setup again as a new process through the CLI, reusing the compile cache the cold row filled:
-    what a rerun or another array task pays before its first image."""
-    manifest = work / "warm.parquet"
-    pq.write_table(pa.table({"id": [f"warm-{i}" for i in range(images)],
-                             "prompt": [PROMPTS[i % len(PROMPTS)] for i in range(images)]}), manifest)
-    out = work / "warm"
+    what a rerun or another array task pays before its first image, split into its parts."""
+    shared, out = run_overrides(args, "warm", images, work)
     start = time.time()
-    subprocess.run([sys.executable, "-m", "sdbatch", f"prompts={manifest}", f"output_dir={out}", f"model={args.model}",
-                    f"steps={args.steps}", f"width={args.size}", f"height={args.size}", "progress=false",
-                    *args.model_overrides, *overrides], check=True, cwd=REPO)
-    rows = sorted((r for f in (out / "ledger").glob("*.parquet") for r in pq.read_table(f).to_pylist()),
-                  key=lambda r: r["finished_at"])
+    done = subprocess.run([sys.executable, "-m", "sdbatch", *shared, *overrides], cwd=REPO, capture_output=True,
+                          text=True)
+    print(done.stderr[-4000:], flush=True)
+    assert done.returncode == 0, f"warm start: sdbatch exited {done.returncode}"
+    rows = ledger_rows(out, images, "warm start")
     batch = rows[0]["batch_size"]
     steady = (len(rows) - batch) / (rows[-1]["finished_at"] - rows[batch - 1]["finished_at"]).total_seconds()
+    first_image_s = rows[0]["finished_at"].timestamp() - start
+    started = STARTED.search(done.stderr)
+    split = {}
+    if started:
+        ready, model_s, attention_s = map(float, started.groups())
+        first_batch_s = sum(r[k] for r in rows[:batch] for k in ("text_encode_s", "denoise_s", "vae_decode_s"))
+        split = {"before_worker_clock": first_image_s - ready - first_batch_s,
+                 "imports_and_plan": ready - model_s - attention_s, "model_load": model_s,
+                 "attention_choice": attention_s, "first_batch": first_batch_s,
+                 "first_batch_extra": first_batch_extra_s(rows, batch)}
     return {"name": "sdbatch-best-warm-start", "images_per_s": steady, "peak_mem_gib": None, "images": len(rows),
-            "time_to_first_image_s": rows[0]["finished_at"].timestamp() - start, "batch_size": batch,
-            "note": "new process (imports included), compile cache from the sdbatch-best row"}
+            "time_to_first_image_s": first_image_s, "batch_size": batch, "startup_split_s": split,
+            "note": "new process (imports included), compile cache from the cold row; startup_split_s: "
+                    "before_worker_clock = interpreter and CLI start (and the set-up between the attention choice and "
+                    "the first batch), imports_and_plan = the worker's clock until the model load, first_batch_extra = "
+                    "the first batch's time per stage beyond a steady batch's (loading the compile cache)"}
 
 
 _WORK = []
@@ -186,7 +219,8 @@ def main():
     if args.mlperf:
         args.model, args.size, args.steps, args.scheduler, args.guidance = "sdxl", 1024, 20, "euler", 8.0
         args.negative, args.batch, args.diffusers_batches = MLPERF_NEGATIVE, 8, "8"
-        args.rows = ("diffusers-sdpa-best,sdbatch-fp16-sdpa,sdbatch-fp16-best,sdbatch-fp8-best" if args.rows == "all"
+        args.rows = ("diffusers-sdpa-best,sdbatch-fp16-sdpa,sdbatch-fp16-best,sdbatch-fp16-best-vae-bf16,"
+                     "sdbatch-fp8-best-vae-bf16" if args.rows == "all"
                      else args.rows)
     if args.smoke:
         args.model, args.size, args.steps, args.images, args.batch = "tiny", 64, 2, 8, 4
@@ -213,7 +247,9 @@ def main():
         ("sdbatch-best", lambda: sdbatch_row("sdbatch-best", args, best, args.images, work)),
         ("sdbatch-fp16-sdpa", lambda: sdbatch_row("sdbatch-fp16-sdpa", args, ["attention=sdpa", "dtype=fp16", f"batch_size={args.batch}"], args.images, work)),
         ("sdbatch-fp16-best", lambda: sdbatch_row("sdbatch-fp16-best", args, [*best, "dtype=fp16"], args.images, work)),
+        ("sdbatch-fp16-best-vae-bf16", lambda: sdbatch_row("sdbatch-fp16-best-vae-bf16", args, [*best, "dtype=fp16", "vae_dtype=bf16"], args.images, work)),
         ("sdbatch-fp8-best", lambda: sdbatch_row("sdbatch-fp8-best", args, [*best, "dtype=fp8"], args.images, work)),
+        ("sdbatch-fp8-best-vae-bf16", lambda: sdbatch_row("sdbatch-fp8-best-vae-bf16", args, [*best, "dtype=fp8", "vae_dtype=bf16"], args.images, work)),
         ("sdbatch-best-warm-start", lambda: warm_start_row(args, best, 2 * args.batch, work)),
     ]
     work = work_dir()

@@ -124,12 +124,16 @@ def unet_rows(args, model, report):
     rows = [{"name": "unet-fp16", "rel_error_vs_fp32": relative_error(half, reference),
              "eager_ms": step_ms(model, timed)}]
     rows[-1].update(compiled_step(model, timed))
-    converted = fp8.convert_unet(model.unet)
-    eight = unet_call(model, half_probe)
-    rows.append({"name": "unet-fp8", "linears_converted": converted,
-                 "rel_error_vs_fp32": relative_error(eight, reference),
-                 "rel_error_vs_fp16": relative_error(eight, half), "eager_ms": step_ms(model, timed)})
-    rows[-1].update(compiled_step(model, timed))
+    half_unet = model.unet
+    for name, after_geglu in (("unet-fp8", True), ("unet-fp8-geglu-out-fp16", False)):
+        model.unet = copy.deepcopy(half_unet)
+        converted = fp8.convert_unet(model.unet, after_geglu=after_geglu)
+        eight = unet_call(model, half_probe)
+        rows.append({"name": name, "linears_converted": converted,
+                     "rel_error_vs_fp32": relative_error(eight, reference),
+                     "rel_error_vs_fp16": relative_error(eight, half), "eager_ms": step_ms(model, timed)})
+        rows[-1].update(compiled_step(model, timed))
+    model.unet = half_unet
     for row in rows:
         row["compiled_tflops"] = flops / row["compiled_ms"] / 1e9
         print(json.dumps({k: v for k, v in row.items() if k != "compiled_profile"}), flush=True)

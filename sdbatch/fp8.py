@@ -53,10 +53,12 @@ class Fp8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def convert_unet(unet: nn.Module) -> int:
+def convert_unet(unet: nn.Module, after_geglu: bool = True) -> int:
     """Swap the plain nn.Linear layers inside the UNet's transformer blocks for Fp8Linear; returns how many.
     A projection wrapped by a LoRA adapter (peft) stays as it is, and so do shapes FP8 kernels cannot take
-    (dimensions not multiples of 16)."""
+    (dimensions not multiples of 16). after_geglu=False keeps each feed-forward's second linear (its input is the
+    GEGLU's, the widest activation to find row maxima in) in fp16."""
+    from diffusers.models.activations import GEGLU
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     converted = 0
@@ -65,6 +67,8 @@ def convert_unet(unet: nn.Module) -> int:
         nonlocal converted
         for name, child in module.named_children():
             if hasattr(child, "base_layer"):  # a peft LoRA layer: its base stays a plain Linear
+                continue
+            if not after_geglu and isinstance(module, nn.ModuleList) and isinstance(module[0], GEGLU) and name != "0":
                 continue
             if type(child) is nn.Linear and child.in_features % 16 == 0 and child.out_features % 16 == 0:
                 setattr(module, name, Fp8Linear(child))

@@ -28,6 +28,7 @@ from sdbatch.writer import ImageWriter, a1111_parameters, image_name
 
 log = logging.getLogger("sdbatch")
 EXIT_CTRL_C = 130  # the shell's code for SIGINT: stopped by the user, what was finished is recorded
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float16}
 MAX_OPEN_SHARDS = 64  # shards one worker holds at once, to fill batches from the few changed rows of each
 
 
@@ -41,7 +42,7 @@ def render(prepared: Prepared) -> int:
         if problem:
             raise SdbatchError(problem)
     loading = time.perf_counter()
-    model = load_model(cfg.model).to(device, dtype)
+    model = load_model(cfg.model).to(device, dtype, DTYPES.get(cfg.vae_dtype))
     fuse_run_loras(model, prepared.run_loras)
     choosing = time.perf_counter()
     width, height = ctx.defaults.width, ctx.defaults.height
@@ -250,13 +251,12 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
         raise SdbatchError(f"device={device} was asked for, but torch sees no CUDA GPU here. Use device=cpu or device=auto.")
     if dtype == "auto":
         dtype = "fp16" if device.startswith("cuda") else "fp32"
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float16}
-    if dtype not in dtypes:
-        raise SdbatchError(f"dtype={dtype} is not one of auto, {', '.join(dtypes)}.")
+    if dtype not in DTYPES:
+        raise SdbatchError(f"dtype={dtype} is not one of auto, {', '.join(DTYPES)}.")
     problem = fp8.why_not(torch.device(device)) if dtype == "fp8" else None
     if problem:
         raise SdbatchError(problem)
-    return torch.device(device), dtypes[dtype]
+    return torch.device(device), DTYPES[dtype]
 
 
 def device_label(device: torch.device) -> str:
@@ -283,6 +283,7 @@ def provenance_base(cfg, model, choice, run_loras: list) -> dict:
         "attention": {"backend": choice.label, "detail": choice.detail},
         "dtype": "fp8 (e4m3 UNet transformer matmuls, float16 elsewhere)" if cfg.dtype == "fp8"
         else str(model.dtype).removeprefix("torch."),
+        "vae_dtype": str(model.vae.dtype).removeprefix("torch."),
         "lora": {"run": run_loras, "row": None},
         "versions": {"sdbatch": __import__("sdbatch").__version__, "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "transformers": transformers.__version__},

@@ -49,15 +49,17 @@ FIRST_SCHEDULER_OPTIONS = {  # what the first sdbatch shipped for each scheduler
 
 
 def key_extras(dtype: str, scheduler: str, scheduler_options: dict, image_format: dict,
-               loras: list | None = None) -> dict:
+               loras: list | None = None, vae_dtype: str = "auto") -> dict:
     """The pixel-deciding settings the first sdbatch's content keys left out, where they differ from its values
-    (it rendered in fp16 on GPUs, with the scheduler options it shipped, into PNG files, without LoRAs). `loras`:
-    the run-level LoRAs as [{"sha256": fingerprint, "scale": scale}]."""
+    (it rendered in fp16 on GPUs with the VAE's dtype chosen for it, with the scheduler options it shipped, into PNG
+    files, without LoRAs). `loras`: the run-level LoRAs as [{"sha256": fingerprint, "scale": scale}]."""
     extras = {"lora": list(loras)} if loras else {}
     if image_format["name"] != "png":
         extras["image_format"] = image_format
     if dtype != "fp16":
         extras["dtype"] = dtype
+    if vae_dtype != "auto":
+        extras["vae_dtype"] = vae_dtype
     if scheduler_options != FIRST_SCHEDULER_OPTIONS.get(scheduler):
         extras["scheduler_options"] = scheduler_options
     return extras

@@ -63,11 +63,11 @@ class Model:
         """Tokens per text-encoder call (77): BOS, up to 75 prompt tokens, EOS and padding."""
         return self.tokenizers[0].model_max_length
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "Model":
+    def to(self, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> "Model":
+        """Move to the device in dtype; the VAE in vae_dtype, or None: dtype, unless that overflows (see below)."""
         self.device, self.dtype = device, dtype
         self.unet.to(device, dtype)
-        vae_dtype = torch.float32 if self.vae_needs_fp32(dtype) else dtype
-        self.vae.to(device, vae_dtype)
+        self.vae.to(device, vae_dtype or (torch.float32 if self.vae_needs_fp32(dtype) else dtype))
         for encoder in self.text_encoders:
             encoder.to(device, dtype)
         return self

@@ -180,7 +180,7 @@ def initial_latents(jobs: list[ImageJob], model: Model, generators: list) -> tor
 def decode(model: Model, latents: torch.Tensor):
     """VAE decode in chunks; returns uint8 images on the CPU and a failure reason per image (NaN, all black)."""
     vae = model.vae
-    hint = " (fp16 overflow in the VAE? try dtype=bf16 or fp32)" if vae.dtype == torch.float16 else ""
+    hint = " (fp16 overflow in the VAE? try vae_dtype=bf16 or fp32)" if vae.dtype == torch.float16 else ""
     pixels, failures = [], []
     for chunk in latents.split(VAE_CHUNK):
         images = vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]

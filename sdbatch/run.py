@@ -81,7 +81,8 @@ def prepare(cfg, output_dir: Path, heartbeat: Heartbeat, start: float) -> Prepar
     options = cfg.scheduler.get("options")
     image_format = ImageFormat.from_config(cfg)
     extras = key_extras(dtype, cfg.scheduler.name, OmegaConf.to_container(options) if options is not None else {},
-                        asdict(image_format), [{"sha256": lora["sha256"], "scale": lora["scale"]} for lora in run_loras])
+                        asdict(image_format), [{"sha256": lora["sha256"], "scale": lora["scale"]} for lora in run_loras],
+                        cfg.vae_dtype)
     run_level = {**model_identity(cfg.model, output_dir), "scheduler": cfg.scheduler.name, "steps": cfg.steps,
                  "width": width, "height": height, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
                  "negative_prompt": cfg.negative_prompt, "extras": extras}

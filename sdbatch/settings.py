@@ -158,6 +158,7 @@ RUN_RULES = {
     "processes": processes,
     "device": device,
     "dtype": choice("auto", "fp16", "bf16", "fp32", "fp8"),
+    "vae_dtype": choice("auto", "fp16", "bf16", "fp32"),
     "compile": boolean,
     "compile_mode": choice("default", "max-autotune-no-cudagraphs", "max-autotune"),
     "compile_cache": optional(path),

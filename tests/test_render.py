@@ -1,5 +1,7 @@
 """The denoising loop is diffusers' loop, and an image's pixels do not depend on who it shares a batch with."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -8,6 +10,7 @@ from PIL import Image
 
 from conftest import compose_config, read_ledgers, write_manifest
 from sdbatch import attention
+from sdbatch.compare import psnr
 from sdbatch.manifest import ImageJob
 from sdbatch.models import tiny_model
 from sdbatch.render import Renderer, make_scheduler
@@ -111,6 +114,32 @@ def test_pixels_do_not_depend_on_batch_shard_or_worker_count(tmp_path):
     assert {r["worker_index"] for r in rows} == {0, 1} and {r["num_workers"] for r in rows} == {2}
     assert len(first_half) < len(rows)
     assert_same_images(reference, rendered(workers))
+
+
+# ---------------------------------------------------------------- the VAE's precision
+def test_vae_dtype_decodes_in_its_own_precision_close_to_the_default(tmp_path):
+    path = write_manifest(tmp_path / "catalog.parquet", {"prompt": ["a red cat", "a blue dog", "a green bird"]})
+    folders = {}
+    for vae_dtype in ("auto", "bf16"):
+        folders[vae_dtype] = tmp_path / vae_dtype
+        assert run(compose_config("model=tiny", "steps=2", "progress=false", f"prompts={path}",
+                                  f"output_dir={folders[vae_dtype]}", f"vae_dtype={vae_dtype}")) == 0
+    default, bf16 = rendered(folders["auto"]), rendered(folders["bf16"])
+    assert default.keys() == bf16.keys() and len(default) == 3
+    for key in default:
+        assert default[key][1] != bf16[key][1], "a bf16-decoded image must not pass for the fp32-decoded one"
+        assert psnr(default[key][2], bf16[key][2]) > 35, key
+    row = read_ledgers(folders["bf16"])[0]
+    with Image.open(folders["bf16"] / row["image_path"]) as image:
+        provenance = json.loads(image.text["sdbatch"])
+    assert provenance["dtype"] == "float32" and provenance["vae_dtype"] == "bfloat16"
+
+
+def test_an_fp16_sdxl_vae_stays_fp32_unless_told_otherwise():
+    model = tiny_model("sdxl").to(torch.device("cpu"), torch.float16)
+    assert model.unet.dtype == torch.float16 and model.vae.dtype == torch.float32  # as diffusers upcasts it
+    model.to(torch.device("cpu"), torch.float16, torch.bfloat16)
+    assert model.unet.dtype == torch.float16 and model.vae.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------- prompts longer than one window (A1111's chunks)

@@ -230,6 +230,7 @@ def test_prune_later_deletes_images_kept_by_an_earlier_rerun(tmp_path, make_cfg,
 @pytest.mark.parametrize("change, words", [("steps=3", "steps: 2 -> 3"), ("scheduler=euler", "'pndm' -> 'euler'"),
                                            ("model.family=sdxl", "model: 'random:tiny-sd-v2' -> 'random:tiny-sdxl-v2'"),
                                            ("dtype=bf16", "dtype: 'fp32' -> 'bf16'"),
+                                           ("vae_dtype=bf16", "vae_dtype: (default) -> 'bf16'"),
                                            ("+scheduler.options.timestep_spacing=trailing", "scheduler_options: (default) ->")])
 def test_run_level_change_refuses_unless_overwrite(tmp_path, make_cfg, capsys, change, words):
     path = write_manifest(tmp_path / "catalog.parquet", CATALOG)
