@@ -30,13 +30,15 @@ def images(output_dir, read_ledgers) -> dict:
 FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= fp8.MIN_CAPABILITY
 
 
-@pytest.mark.parametrize("where", [
-    pytest.param(("device=cpu",), id="cpu"),
-    pytest.param(("device=cuda", "compile=true"), id="gpu-compiled",
+# a batch of 1 and one of 4 run different GEMM kernels (another accumulation order): on the GPU, where cuBLASLt
+# picks them by shape, that moves a few pixels by up to 4 levels (3 measured on an H100)
+@pytest.mark.parametrize("where, levels", [
+    pytest.param(("device=cpu",), 2, id="cpu"),
+    pytest.param(("device=cuda", "compile=true"), 4, id="gpu-compiled",
                  marks=[pytest.mark.gpu, pytest.mark.skipif(not FP8_GPU, reason="needs FP8 tensor cores")]),
 ])
 def test_fp8_renders_close_to_fp16_under_its_own_content_key_whatever_the_batch(tmp_path, cli, write_manifest,
-                                                                                read_ledgers, where):
+                                                                                read_ledgers, where, levels):
     path = write_manifest(tmp_path / "catalog.parquet", PROMPTS)
     result = cli(tmp_path, "prompts=catalog.parquet", "output_dir=fp8", "model=tiny", "steps=3", "dtype=fp8",
                  "batch_size=4", "progress=false", *where)
@@ -53,7 +55,7 @@ def test_fp8_renders_close_to_fp16_under_its_own_content_key_whatever_the_batch(
         assert psnr(half[key][1], eight[key][1]) > 35, key
         assert eight[key][2]["dtype"].startswith("fp8")
         # per-row scales: the rows an image shares its batch with do not change it
-        assert eight[key][0] == alone[key][0] and np.abs(eight[key][1] - alone[key][1]).max() <= 2, key
+        assert eight[key][0] == alone[key][0] and np.abs(eight[key][1] - alone[key][1]).max() <= levels, key
 
 
 def test_every_transformer_matmul_is_converted_and_nothing_else():
