@@ -1,5 +1,6 @@
-"""dtype=fp8: the UNet's transformer matmuls (attention projections, feed-forward, linear proj_in/out) in FP8 e4m3,
-everything else (convolutions, norms, the time embedding, attention itself, the text encoders, the VAE) in fp16.
+"""dtype=fp8: the UNet's transformer matmuls (attention projections, the feed-forward's first linear, linear
+proj_in/out) in FP8 e4m3, everything else (convolutions, norms, the time embedding, attention itself, the linear
+after GEGLU, the text encoders, the VAE) in fp16.
 
 Scales are per row: each token of an activation gets its own, computed as it flows, and each output channel of a
 weight its own, computed once. So a row's result never depends on the other rows of its batch, and batching still
@@ -53,11 +54,12 @@ class Fp8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def convert_unet(unet: nn.Module, after_geglu: bool = True) -> int:
+def convert_unet(unet: nn.Module, after_geglu: bool = False) -> int:
     """Swap the plain nn.Linear layers inside the UNet's transformer blocks for Fp8Linear; returns how many.
     A projection wrapped by a LoRA adapter (peft) stays as it is, and so do shapes FP8 kernels cannot take
-    (dimensions not multiples of 16). after_geglu=False keeps each feed-forward's second linear (its input is the
-    GEGLU's, the widest activation to find row maxima in) in fp16."""
+    (dimensions not multiples of 16). Each feed-forward's second linear stays fp16 unless after_geglu: its input,
+    the GEGLU's output, is the widest activation to find row maxima in, which cost more than its FP8 matmul saves
+    (SDXL's compiled UNet step: 234.2 ms with it converted, 220.1 ms without, on an H100)."""
     from diffusers.models.activations import GEGLU
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
