@@ -29,6 +29,7 @@ from sdbatch.writer import ImageWriter, a1111_parameters, image_name
 log = logging.getLogger("sdbatch")
 EXIT_CTRL_C = 130  # the shell's code for SIGINT: stopped by the user, what was finished is recorded
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float16}
+FP8_PROVENANCE = "fp8 (e4m3 UNet transformer matmuls but the one after GEGLU, float16 elsewhere)"
 MAX_OPEN_SHARDS = 64  # shards one worker holds at once, to fill batches from the few changed rows of each
 
 
@@ -281,8 +282,7 @@ def provenance_base(cfg, model, choice, run_loras: list) -> dict:
         "model": {"name": model.name, "family": model.family, "weights": model.revision},
         "scheduler": OmegaConf.to_container(cfg.scheduler),
         "attention": {"backend": choice.label, "detail": choice.detail},
-        "dtype": "fp8 (e4m3 UNet transformer matmuls, float16 elsewhere)" if cfg.dtype == "fp8"
-        else str(model.dtype).removeprefix("torch."),
+        "dtype": FP8_PROVENANCE if cfg.dtype == "fp8" else str(model.dtype).removeprefix("torch."),
         "vae_dtype": str(model.vae.dtype).removeprefix("torch."),
         "lora": {"run": run_loras, "row": None},
         "versions": {"sdbatch": __import__("sdbatch").__version__, "torch": torch.__version__,
