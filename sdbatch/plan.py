@@ -214,17 +214,19 @@ def _add_duplicates(plan: Plan, digests: np.ndarray, num_shards: int, problems: 
 
 
 def open_plan(manifest: Manifest, output_dir: Path, num_shards: int, settings: dict, holder: Holder,
-              lease_s: float, heartbeat: Heartbeat, on_planning=lambda: None) -> Plan:
+              lease_s: float, heartbeat: Heartbeat, on_new_plan=lambda: None) -> Plan:
     """Today's plan: read it if it exists, else make it (one worker plans; the others wait for it, and take over
-    if the planner's lease expires). `on_planning` runs when this worker starts planning."""
+    if the planner's lease expires). `on_new_plan` runs once when the plan does not exist yet, as this worker starts
+    making it or waiting for another's."""
     pid = plan_id(manifest.fingerprint(), num_shards, settings)
     folder = output_dir / "plans" / pid
     lease = Lease(output_dir / "leases" / f"plan-{pid}", holder, lease_s)
     waited = None
+    if not (folder / PLAN_FILE).exists():
+        on_new_plan()
     while not (folder / PLAN_FILE).exists():
         busy = lease.acquire()
         if busy is None:
-            on_planning()
             heartbeat.add(lease)
             try:
                 _make(manifest, folder, num_shards, lease)

@@ -1,9 +1,14 @@
+import threading
+import time
 from collections import Counter
 
 import pytest
 
+from conftest import write_manifest
 from sdbatch import SdbatchError
-from sdbatch.plan import num_shards_for, shard_of
+from sdbatch.lease import Heartbeat, Holder, Lease
+from sdbatch.manifest import Manifest
+from sdbatch.plan import PLAN_FILE, num_shards_for, open_plan, plan_id, shard_of
 from sdbatch.workers import Worker, local_worker, resolve_worker, shards_for, steal_order
 
 
@@ -19,6 +24,37 @@ def slurm_env(task_id, first, last, step=None, count=None):
     if count is not None:
         env["SLURM_ARRAY_TASK_COUNT"] = str(count)
     return env
+
+
+# --- the plan ------------------------------------------------------------------------------------
+def test_a_worker_waiting_for_another_workers_plan_warms_up_meanwhile(tmp_path):
+    manifest = Manifest(write_manifest(tmp_path / "catalog.parquet", {"prompt": ["a red cat", "a blue dog"]}))
+    out, settings, lease_s = tmp_path / "out", {"model": "tiny"}, 4
+    folder = out / "plans" / plan_id(manifest.fingerprint(), 1, settings)
+    planner = Lease(out / "leases" / f"plan-{folder.name}", Holder.this_process("worker 0 of 2"), lease_s)
+    assert planner.acquire() is None  # worker 0 is making the plan
+    warmed, opened, beat = [], [], Heartbeat(lease_s)
+
+    def worker_1():
+        opened.append(open_plan(manifest, out, 1, settings, Holder.this_process("worker 1 of 2"), lease_s, beat,
+                                lambda: warmed.append(time.monotonic())))
+
+    waiter = threading.Thread(target=worker_1)
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not warmed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert warmed and not opened and not (folder / PLAN_FILE).exists()  # warming while it waits
+    finally:
+        planner.release()  # worker 0 gives up: worker 1 makes the plan itself
+        waiter.join(30)
+        beat.stop()
+    assert opened and (folder / PLAN_FILE).exists() and len(warmed) == 1
+    again, beat = [], Heartbeat(lease_s)
+    open_plan(manifest, out, 1, settings, Holder.this_process("worker 1 of 2"), lease_s, beat, lambda: again.append(1))
+    beat.stop()
+    assert again == []  # a plan made already: nothing new to render for sure, nothing warmed
 
 
 # --- shards --------------------------------------------------------------------------------------
