@@ -219,9 +219,9 @@ def main():
     if args.mlperf:
         args.model, args.size, args.steps, args.scheduler, args.guidance = "sdxl", 1024, 20, "euler", 8.0
         args.negative, args.batch, args.diffusers_batches = MLPERF_NEGATIVE, 8, "8"
-        args.rows = ("diffusers-sdpa-best,sdbatch-fp16-sdpa,sdbatch-fp16-best,sdbatch-fp16-best-vae-bf16,"
-                     "sdbatch-fp8-best-vae-bf16" if args.rows == "all"
-                     else args.rows)
+        if args.rows == "all":
+            args.rows = ("diffusers-sdpa-best,sdbatch-fp16-sdpa,sdbatch-fp16-best,sdbatch-fp16-best-vae-bf16,"
+                         "sdbatch-fp8-best-vae-bf16")
     if args.smoke:
         args.model, args.size, args.steps, args.images, args.batch = "tiny", 64, 2, 8, 4
     args.model_overrides = [] if args.model == "tiny" else ["model.random_weights=true"]
