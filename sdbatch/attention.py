@@ -19,6 +19,7 @@ from diffusers.models.attention_processor import Attention
 
 from sdbatch import SdbatchError
 from sdbatch.models import VAE_CHUNK, dummy_unet_call, dummy_vae_call
+from sdbatch.writer import write_atomic
 
 log = logging.getLogger("sdbatch")
 MAX_BATCH_HEADS = 65535  # the CUDA kernels fail with "invalid configuration argument" at batch*heads >= 65536
@@ -275,7 +276,10 @@ class TimingCache:
         self.prefix = (f"{torch.cuda.get_device_name(device)}|torch {torch.__version__}|xformers {xformers_version}|"
                        f"diffusers {diffusers.__version__}|{dtype}")
         self.path = Path(os.environ.get("SDBATCH_CACHE", Path.home() / ".cache" / "sdbatch")) / "attention-timings.json"
-        self.entries = json.loads(self.path.read_text()) if self.path.exists() else {}
+        try:
+            self.entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # none yet, or a file an older sdbatch left half-written: time again
+            self.entries = {}
 
     def time(self, variant: Variant, shape) -> float:
         key = f"{self.prefix}|{shape}|{describe(variant)}"
@@ -284,8 +288,8 @@ class TimingCache:
         return self.entries[key]
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.entries, indent=1))
+        """Whole or not at all: the workers of one machine share the file and start together."""
+        write_atomic(self.path, json.dumps(self.entries, indent=1).encode())
 
 
 @torch.no_grad()
