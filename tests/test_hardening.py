@@ -193,7 +193,7 @@ def test_workers_sharing_the_attention_timings_file_never_see_half_of_it(tmp_pat
     assert [w.returncode for w in workers] == [0] * 4, "\n".join(errors)
 
     (tmp_path / "attention-timings.json").write_text('{"a GPU|torch')
-    torn = subprocess.run([sys.executable, "-c", "import torch; torch.cuda.get_device_name = lambda d=None: 'a GPU'; "
-                           "from sdbatch.attention import TimingCache; print(TimingCache('cuda', torch.float16).entries)"],
-                          env=env, capture_output=True, text=True)
+    read = ("import torch; torch.cuda.get_device_name = lambda d=None: 'a GPU'; "
+            "from sdbatch.attention import TimingCache; print(TimingCache('cuda', torch.float16).entries)")
+    torn = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True)
     assert (torn.returncode, torn.stdout.strip()) == (0, "{}"), torn.stderr
