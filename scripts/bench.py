@@ -156,10 +156,9 @@ def sdbatch_row(name, args, overrides, images, work: Path):
 
 
 STARTED = re.compile(r"([\d.]+)s after start: model loaded in ([\d.]+)s, attention chosen in ([\d.]+)s")
-LOADED = re.compile(r"loaded the compiled (\S+) for .* in ([\d.]+)s")
 
 
-def warm_start_row(name, args, overrides, images, work: Path):
+def warm_start_row(args, overrides, images, work: Path):
     """The best setup again as a new process through the CLI, reusing the compile cache the cold row filled:
     what a rerun or another array task pays before its first image, split into its parts."""
     shared, out = run_overrides(args, "warm", images, work)
@@ -180,15 +179,13 @@ def warm_start_row(name, args, overrides, images, work: Path):
         split = {"before_worker_clock": first_image_s - ready - first_batch_s,
                  "imports_and_plan": ready - model_s - attention_s, "model_load": model_s,
                  "attention_choice": attention_s, "first_batch": first_batch_s,
-                 "first_batch_extra": first_batch_extra_s(rows, batch),
-                 "aot_package_load": {m[0]: float(m[1]) for m in LOADED.findall(done.stderr)}}
-    return {"name": name, "images_per_s": steady, "peak_mem_gib": None, "images": len(rows),
+                 "first_batch_extra": first_batch_extra_s(rows, batch)}
+    return {"name": "sdbatch-best-warm-start", "images_per_s": steady, "peak_mem_gib": None, "images": len(rows),
             "time_to_first_image_s": first_image_s, "batch_size": batch, "startup_split_s": split,
             "note": "new process (imports included), compile cache from the cold row; startup_split_s: "
                     "before_worker_clock = interpreter and CLI start (and the set-up between the attention choice and "
                     "the first batch), imports_and_plan = the worker's clock until the model load, first_batch_extra = "
-                    "the first batch's time per stage beyond a steady batch's (loading the compile cache), "
-                    "aot_package_load = seconds each compile_engine=aot package took to load"}
+                    "the first batch's time per stage beyond a steady batch's (loading the compile cache)"}
 
 
 _WORK = []
@@ -253,9 +250,7 @@ def main():
         ("sdbatch-fp16-best-vae-bf16", lambda: sdbatch_row("sdbatch-fp16-best-vae-bf16", args, [*best, "dtype=fp16", "vae_dtype=bf16"], args.images, work)),
         ("sdbatch-fp8-best", lambda: sdbatch_row("sdbatch-fp8-best", args, [*best, "dtype=fp8"], args.images, work)),
         ("sdbatch-fp8-best-vae-bf16", lambda: sdbatch_row("sdbatch-fp8-best-vae-bf16", args, [*best, "dtype=fp8", "vae_dtype=bf16"], args.images, work)),
-        ("sdbatch-best-warm-start", lambda: warm_start_row("sdbatch-best-warm-start", args, best, 2 * args.batch, work)),
-        ("sdbatch-best-jit", lambda: sdbatch_row("sdbatch-best-jit", args, [*best, "compile_engine=jit"], args.images, work)),
-        ("sdbatch-best-jit-warm-start", lambda: warm_start_row("sdbatch-best-jit-warm-start", args, [*best, "compile_engine=jit"], 2 * args.batch, work)),
+        ("sdbatch-best-warm-start", lambda: warm_start_row(args, best, 2 * args.batch, work)),
     ]
     work = work_dir()
     for name, measure in plan:

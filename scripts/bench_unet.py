@@ -59,7 +59,7 @@ def main():
     torch.backends.cudnn.benchmark = True
     record("+ cudnn.benchmark", step_ms(model, args.batch, args.size))
     if "fused" in levers:
-        model.optimise(fuse_qkv=True, fp8=False, channels_last=False)
+        model.optimise(fuse_qkv=True, fp8=False, channels_last=False, compile_mode=None)
         record("+ fused QKV", step_ms(model, args.batch, args.size))
     if "channels_last" in levers:
         model.unet.to(memory_format=torch.channels_last)

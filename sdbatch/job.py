@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from sdbatch import EXIT_INTERRUPTED, SdbatchError, aot, attention, fp8
+from sdbatch import EXIT_INTERRUPTED, SdbatchError, attention, fp8
 from sdbatch.batcher import Batcher, ShardQueue
 from sdbatch.ledger import ROW_INDEX, open_folder
 from sdbatch.lora import Adapters, fuse_run_loras
@@ -58,8 +58,7 @@ def render(prepared: Prepared) -> int:
         adapters = Adapters(model, slot=(cfg.compile and device.type == "cuda") or cfg.dtype == "fp8")
         adapters.prepare({path: prepared.lora_files.state(path) for path in ctx.plan.loras
                           if prepared.lora_files.state(path)})
-    identity = {"weights": model.revision, "run_loras": prepared.run_loras, "attention": choice.detail}
-    speed_up(model, cfg, ctx.output_dir, identity, slot=adapters is not None)
+    speed_up(model, cfg, ctx.output_dir)
     ctx.ledger_fields = {"attention_backend": choice.label, "attention_detail": choice.detail, "model": model.name,
                          "scheduler": cfg.scheduler.name, "worker_index": ctx.worker.index,
                          "num_workers": ctx.worker.count, "device": device_label(device)}
@@ -231,24 +230,19 @@ def attention_options(cfg) -> dict:
     return {k: v for k, v in cfg.attention.items() if k != "name"}
 
 
-def speed_up(model, cfg, output_dir: Path, identity: dict, slot: bool) -> None:
+def speed_up(model, cfg, output_dir: Path) -> None:
     """FP8 matmuls where asked for; GPU levers: cuDNN autotuning (every batch has one static shape), fused
-    projections, and compiling, with the compile cache kept in the output folder so array tasks and nightly reruns
-    reuse it. `aot` packages need fixed weights: a LoRA slot (per-row LoRAs copied in) is compiled with
-    torch.compile. identity: what the weights and the attention choice are, for the packages' cache key."""
+    projections, torch.compile with a compile cache kept in the output folder so array tasks and nightly reruns
+    reuse it."""
     gpu = model.device.type == "cuda"
     if gpu:
         torch.backends.cudnn.benchmark = True
-    model.optimise(fuse_qkv=cfg.fuse_qkv and gpu, fp8=cfg.dtype == "fp8", channels_last=cfg.channels_last and gpu)
-    if not (gpu and cfg.compile):
-        return
-    cache = Path(cfg.compile_cache or output_dir / ".cache" / "torch").absolute()
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
-    if cfg.compile_engine == "aot" and not slot:
-        aot.compile_model(model, cache / "aot", identity, cfg.compile_mode)
-    else:
-        model.compile(cfg.compile_mode)
+    if gpu and cfg.compile:
+        cache = Path(cfg.compile_cache or output_dir / ".cache" / "torch").absolute()
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+        os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+    model.optimise(fuse_qkv=cfg.fuse_qkv and gpu, fp8=cfg.dtype == "fp8", channels_last=cfg.channels_last and gpu,
+                   compile_mode=cfg.compile_mode if cfg.compile and gpu else None)
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

@@ -76,7 +76,7 @@ class Model:
         # SDXL's VAE overflows in fp16; diffusers' SDXL pipeline upcasts it the same way (its SD pipeline does not).
         return self.family == "sdxl" and dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
 
-    def optimise(self, fuse_qkv: bool, fp8: bool, channels_last: bool) -> None:
+    def optimise(self, fuse_qkv: bool, fp8: bool, channels_last: bool, compile_mode: str | None) -> None:
         """Speed levers for fixed-shape GPU batches; call after the attention processors are set."""
         if fuse_qkv:
             fuse_projections(self)
@@ -86,11 +86,9 @@ class Model:
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
-
-    def compile(self, mode: str) -> None:
-        """torch.compile the UNet and the VAE decoder (traced again in every new process)."""
-        self.unet = torch.compile(self.unet, mode=mode, dynamic=False)
-        self.vae.decode = torch.compile(self.vae.decode, mode=mode, dynamic=False)
+        if compile_mode:
+            self.unet = torch.compile(self.unet, mode=compile_mode, dynamic=False)
+            self.vae.decode = torch.compile(self.vae.decode, mode=compile_mode, dynamic=False)
 
     def prompt_chunks(self, text: str) -> int:
         """How many 75-token chunks the text needs (before any cut to max_prompt_chunks); 1 for a text that fits."""

@@ -161,7 +161,6 @@ RUN_RULES = {
     "vae_dtype": choice("auto", "fp16", "bf16", "fp32"),
     "compile": boolean,
     "compile_mode": choice("default", "max-autotune-no-cudagraphs", "max-autotune"),
-    "compile_engine": choice("aot", "jit"),
     "compile_cache": optional(path),
     "fuse_qkv": boolean,
     "channels_last": boolean,
