@@ -6,6 +6,7 @@ fused QKV, channels_last and torch.compile modes (with their compile times).
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -50,6 +51,12 @@ def main():
     def record(name, ms, compile_s=None):
         rows.append({"lever": name, "ms": ms, "tflops": flops / ms / 1e9, "mfu": flops / ms / 1e9 / peak,
                      "compile_s": compile_s})
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # what is measured survives a timeout
+        Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "matmul_tflops": peak,
+                                              "command": "python " + " ".join(sys.argv), "torch": torch.__version__,
+                                              "arch": args.arch, "size": args.size, "batch": args.batch,
+                                              "flops_per_step": flops, "attention": choice.detail, "rows": rows},
+                                             indent=1))
         extra = f"  (compile {compile_s:.0f}s)" if compile_s else ""
         print(f"{name:40s} {ms:7.1f} ms  {flops / ms / 1e9:5.0f} TFLOP/s  MFU {flops / ms / 1e9 / peak:.0%}{extra}",
               flush=True)
@@ -65,16 +72,19 @@ def main():
         model.unet.to(memory_format=torch.channels_last)
         record("+ channels_last (eager)", step_ms(model, args.batch, args.size))
         model.unet.to(memory_format=torch.contiguous_format)
-    for lever in levers:  # compile[:MODE][+cl][+tune]
+    for lever in levers:  # compile[:MODE][+cl][+tune][+gemm]
         if not lever.startswith("compile"):
             continue
         mode, *flags = (lever.partition(":")[2] or "default").split("+")
         mode = mode or "default"
         eager_unet = model.unet
+        torch._dynamo.reset()  # else a later lever reuses the earlier lever's compiled code and compiles nothing
         if "cl" in flags:
             model.unet.to(memory_format=torch.channels_last)
         if "tune" in flags:
             tune_inductor()
+        if "gemm" in flags:  # autotune only the matmuls and convolutions' GEMM templates, not every kernel
+            torch._inductor.config.max_autotune_gemm = True
         model.unet = torch.compile(eager_unet, mode=mode, dynamic=False)
         start = time.perf_counter()
         x, embeds, added = random_unet_inputs(model, args.batch, args.size, args.size)
@@ -84,10 +94,6 @@ def main():
         record(f"+ torch.compile({mode}){''.join(' +' + f for f in flags)}", step_ms(model, args.batch, args.size),
                time.perf_counter() - start)
         model.unet = eager_unet.to(memory_format=torch.contiguous_format)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "matmul_tflops": peak,
-                                          "arch": args.arch, "size": args.size, "batch": args.batch,
-                                          "flops_per_step": flops, "attention": choice.detail, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
