@@ -22,6 +22,7 @@ from sdbatch.models import VAE_CHUNK, dummy_unet_call, dummy_vae_call
 from sdbatch.writer import write_atomic
 
 log = logging.getLogger("sdbatch")
+TIMINGS_FILE = "attention-timings.json"
 MAX_BATCH_HEADS = 65535  # the CUDA kernels fail with "invalid configuration argument" at batch*heads >= 65536
 
 
@@ -167,11 +168,13 @@ def candidates(name: str, options: dict) -> list[Variant]:
     return [(name, options)]
 
 
-def choose(cfg, model, device: torch.device, dtype: torch.dtype, batch_size: int, width: int, height: int) -> Choice:
+def choose(cfg, model, device: torch.device, dtype: torch.dtype, batch_size: int, width: int, height: int,
+           timings: Path | None = None) -> Choice:
     """The attention variant for every shape of this run; a plain-words error when the asked-for backend can't run.
 
     On a GPU each shape's candidates are timed (or, for a fixed kernel, tried) at the run's real shapes; a shape
-    that no candidate of the asked-for backend can run falls back to PyTorch SDPA with a warning.
+    that no candidate of the asked-for backend can run falls back to PyTorch SDPA with a warning. timings: the
+    file the run's workers share their timings in (see TimingCache).
     """
     options = {k: v for k, v in cfg.items() if k != "name"}
     if cfg.name != "auto" and cfg.name not in BACKENDS:
@@ -193,7 +196,7 @@ def choose(cfg, model, device: torch.device, dtype: torch.dtype, batch_size: int
         return Choice(runnable[0])
     with asking_for_kernels():
         return Choice(runnable[0], per_shape_choice(model, runnable, device, dtype, batch_size, width, height,
-                                                    cfg.name))
+                                                    cfg.name, timings))
 
 
 @contextlib.contextmanager
@@ -206,9 +209,9 @@ def asking_for_kernels():
         yield
 
 
-def per_shape_choice(model, runnable, device, dtype, batch_size, width, height, asked) -> dict:
+def per_shape_choice(model, runnable, device, dtype, batch_size, width, height, asked, timings) -> dict:
     timed = len(runnable) > 1
-    cache = TimingCache(device, dtype)
+    cache = TimingCache(device, dtype, timings)
     per_shape = {}
     for shape in attention_shapes(model, batch_size, width, height):
         timings = {describe(v): cache.time(v, shape) if timed else trial(v, shape, device, dtype) for v in runnable}
@@ -263,9 +266,14 @@ def _xformers_problem(device: torch.device) -> str | None:
 
 
 class TimingCache:
-    """Per-shape timings on disk, keyed by GPU, library versions, dtype, shape and variant."""
+    """Per-shape timings on disk, keyed by GPU, library versions, dtype, shape and variant.
 
-    def __init__(self, device, dtype):
+    A run keeps them in the folder its array tasks and reruns share (path), so every worker that starts after the
+    first timings are saved, on any machine, reads the same timings and makes the same choice: the same kernels
+    (the same pixels, whichever worker renders a row) and the same compiled graph (a compile-cache hit). Timings
+    already on disk are never replaced. SDBATCH_CACHE names another folder; with neither, ~/.cache/sdbatch."""
+
+    def __init__(self, device, dtype, path: Path | None = None):
         import diffusers
         try:
             import xformers
@@ -275,11 +283,15 @@ class TimingCache:
         self.device, self.dtype = device, dtype
         self.prefix = (f"{torch.cuda.get_device_name(device)}|torch {torch.__version__}|xformers {xformers_version}|"
                        f"diffusers {diffusers.__version__}|{dtype}")
-        self.path = Path(os.environ.get("SDBATCH_CACHE", Path.home() / ".cache" / "sdbatch")) / "attention-timings.json"
+        folder = os.environ.get("SDBATCH_CACHE")
+        self.path = Path(folder) / TIMINGS_FILE if folder else path or Path.home() / ".cache" / "sdbatch" / TIMINGS_FILE
+        self.entries = self.on_disk()
+
+    def on_disk(self) -> dict:
         try:
-            self.entries = json.loads(self.path.read_text())
+            return json.loads(self.path.read_text())
         except (OSError, ValueError):  # none yet, or a file an older sdbatch left half-written: time again
-            self.entries = {}
+            return {}
 
     def time(self, variant: Variant, shape) -> float:
         key = f"{self.prefix}|{shape}|{describe(variant)}"
@@ -288,7 +300,9 @@ class TimingCache:
         return self.entries[key]
 
     def save(self) -> None:
-        """Whole or not at all: the workers of one machine share the file and start together."""
+        """Whole or not at all (workers start together and share the file); what another worker saved meanwhile
+        stays."""
+        self.entries = {**self.entries, **self.on_disk()}
         write_atomic(self.path, json.dumps(self.entries, indent=1).encode())
 
 

@@ -47,7 +47,8 @@ def render(prepared: Prepared) -> int:
     fuse_run_loras(model, prepared.run_loras)
     choosing = time.perf_counter()
     width, height = ctx.defaults.width, ctx.defaults.height
-    choice = attention.choose(cfg.attention, model, device, dtype, cfg.batch_size, width, height)
+    choice = attention.choose(cfg.attention, model, device, dtype, cfg.batch_size, width, height,
+                              timings=run_cache(cfg, ctx.output_dir) / attention.TIMINGS_FILE)
     attention.apply(model, choice)
     log.info("%.1fs after start: model loaded in %.1fs, attention chosen in %.1fs%s", time.perf_counter() -
              prepared.start, choosing - loading, time.perf_counter() - choosing,
@@ -230,6 +231,11 @@ def attention_options(cfg) -> dict:
     return {k: v for k, v in cfg.attention.items() if k != "name"}
 
 
+def run_cache(cfg, output_dir: Path) -> Path:
+    """What the run's array tasks and reruns share: the compile caches and the attention timings."""
+    return Path(cfg.compile_cache or output_dir / ".cache" / "torch").absolute()
+
+
 def speed_up(model, cfg, output_dir: Path) -> None:
     """FP8 matmuls where asked for; GPU levers: cuDNN autotuning (every batch has one static shape), fused
     projections, torch.compile with a compile cache kept in the output folder so array tasks and nightly reruns
@@ -238,7 +244,7 @@ def speed_up(model, cfg, output_dir: Path) -> None:
     if gpu:
         torch.backends.cudnn.benchmark = True
     if gpu and cfg.compile:
-        cache = Path(cfg.compile_cache or output_dir / ".cache" / "torch").absolute()
+        cache = run_cache(cfg, output_dir)
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
         os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     model.optimise(fuse_qkv=cfg.fuse_qkv and gpu, fp8=cfg.dtype == "fp8", channels_last=cfg.channels_last and gpu,

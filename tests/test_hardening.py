@@ -200,3 +200,27 @@ def test_workers_sharing_the_attention_timings_file_never_see_half_of_it(tmp_pat
 
     (tmp_path / "attention-timings.json").write_text('{"a GPU|torch')
     assert TimingCache("cuda", torch.float16).entries == {}
+
+
+def test_timings_a_worker_saved_are_the_ones_every_later_worker_chooses_by(tmp_path, monkeypatch):
+    """A run's workers share their attention timings in its cache folder, and timings on disk are never replaced:
+    a worker that timed a shape at the same moment (slower, by noise) does not overwrite them, so every worker
+    that starts later, on any machine, makes the same choice (the same kernels, the same compiled graph)."""
+    import torch
+    from sdbatch import attention
+    monkeypatch.delenv("SDBATCH_CACHE", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    shared = tmp_path / "out" / ".cache" / "torch" / attention.TIMINGS_FILE
+    flash, cudnn, shape = ("sdpa", {"kernel": "flash"}), ("sdpa", {"kernel": "cudnn"}), (64, 4096, 4096, 8, 40)
+
+    def timed(cache, flash_ms):  # what this worker's GPU measures
+        monkeypatch.setattr(attention, "time_variant", lambda variant, *_: flash_ms if variant == flash else 1.0)
+        return [cache.time(variant, shape) for variant in (flash, cudnn)]
+
+    first = attention.TimingCache("cuda", torch.float16, shared)
+    concurrent = attention.TimingCache("cuda", torch.float16, shared)  # started before the first one saved
+    assert timed(first, 0.9) == [0.9, 1.0]
+    first.save()
+    assert timed(concurrent, 1.1) == [1.1, 1.0]
+    concurrent.save()
+    assert timed(attention.TimingCache("cuda", torch.float16, shared), 5.0) == [0.9, 1.0]
