@@ -169,12 +169,12 @@ def candidates(name: str, options: dict) -> list[Variant]:
 
 
 def choose(cfg, model, device: torch.device, dtype: torch.dtype, batch_size: int, width: int, height: int,
-           timings: Path | None = None) -> Choice:
+           timings_file: Path | None = None) -> Choice:
     """The attention variant for every shape of this run; a plain-words error when the asked-for backend can't run.
 
     On a GPU each shape's candidates are timed (or, for a fixed kernel, tried) at the run's real shapes; a shape
-    that no candidate of the asked-for backend can run falls back to PyTorch SDPA with a warning. timings: the
-    file the run's workers share their timings in (see TimingCache).
+    that no candidate of the asked-for backend can run falls back to PyTorch SDPA with a warning.
+    timings_file: where the run's workers share their timings (see TimingCache).
     """
     options = {k: v for k, v in cfg.items() if k != "name"}
     if cfg.name != "auto" and cfg.name not in BACKENDS:
@@ -196,7 +196,7 @@ def choose(cfg, model, device: torch.device, dtype: torch.dtype, batch_size: int
         return Choice(runnable[0])
     with asking_for_kernels():
         return Choice(runnable[0], per_shape_choice(model, runnable, device, dtype, batch_size, width, height,
-                                                    cfg.name, timings))
+                                                    cfg.name, timings_file))
 
 
 @contextlib.contextmanager
@@ -209,9 +209,9 @@ def asking_for_kernels():
         yield
 
 
-def per_shape_choice(model, runnable, device, dtype, batch_size, width, height, asked, timings) -> dict:
+def per_shape_choice(model, runnable, device, dtype, batch_size, width, height, asked, timings_file) -> dict:
     timed = len(runnable) > 1
-    cache = TimingCache(device, dtype, timings)
+    cache = TimingCache(device, dtype, timings_file)
     per_shape = {}
     for shape in attention_shapes(model, batch_size, width, height):
         timings = {describe(v): cache.time(v, shape) if timed else trial(v, shape, device, dtype) for v in runnable}

@@ -48,7 +48,7 @@ def render(prepared: Prepared) -> int:
     choosing = time.perf_counter()
     width, height = ctx.defaults.width, ctx.defaults.height
     choice = attention.choose(cfg.attention, model, device, dtype, cfg.batch_size, width, height,
-                              timings=run_cache(cfg, ctx.output_dir) / attention.TIMINGS_FILE)
+                              timings_file=run_cache(cfg, ctx.output_dir) / attention.TIMINGS_FILE)
     attention.apply(model, choice)
     log.info("%.1fs after start: model loaded in %.1fs, attention chosen in %.1fs%s", time.perf_counter() -
              prepared.start, choosing - loading, time.perf_counter() - choosing,
