@@ -2,7 +2,9 @@
 case per process, `python scripts/gpu/aot_debug.py CASE`, CASE one of lin-package, lin-so, unet-package, unet-so
 (a one-layer model or sdbatch's tiny UNet; a .pt2 package or the older .so route). For the native stack, preload
 scripts/gpu/segv_backtrace.c: `gcc -shared -fPIC -o /tmp/segv.so scripts/gpu/segv_backtrace.c` and run with
-LD_PRELOAD=/tmp/segv.so (docs/benchmarks/logs/aot-h100-segfault.log is its output there)."""
+LD_PRELOAD=/tmp/segv.so (docs/benchmarks/logs/aot-h100-segfault.log is its output there). With CXX set to a script
+that runs g++ with -Wl,-Bsymbolic added to each link (-shared), the lin and unet packages load there
+(docs/benchmarks/notes.md, "AOTInductor's load segfault, a second look")."""
 import os
 import sys
 import time
