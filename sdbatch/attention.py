@@ -202,9 +202,10 @@ def choose(cfg, model, device: torch.device, dtype: torch.dtype, batch_size: int
 @contextlib.contextmanager
 def asking_for_kernels():
     """Trying each kernel on purpose: torch's "... kernel not used because ..." warnings say what sdbatch already
-    records (a kernel that cannot run a shape is left out), so they stay out of the log."""
+    records (a kernel that cannot run a shape is left out), so they stay out of the log. torch raises them from C++,
+    so Python files them under the module that called it: this one."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+        warnings.filterwarnings("ignore", category=UserWarning, module=rf"torch\.|{re.escape(__name__)}$")
         warnings.filterwarnings("ignore", message=r".*(kernel not used|was not compiled with).*")
         yield
 

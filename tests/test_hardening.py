@@ -224,3 +224,29 @@ def test_timings_a_worker_saved_are_the_ones_every_later_worker_chooses_by(tmp_p
     assert timed(concurrent, 1.1) == [1.1, 1.0]
     concurrent.save()
     assert timed(attention.TimingCache("cuda", torch.float16, shared), 5.0) == [0.9, 1.0]
+
+
+def test_choosing_attention_keeps_the_kernel_warnings_torch_raises_on_purpose_out_of_the_log(monkeypatch):
+    """sdbatch tries kernels that may not run a shape; torch warns from C++ for each ("Flash attention has been
+    runtime disabled", "head_dim should be a multiple of 8"), and Python files those under the calling module,
+    sdbatch.attention. They stay out of the log while sdbatch chooses, and still show for a kernel asked outside."""
+    import warnings
+    import torch
+    from omegaconf import OmegaConf
+    from sdbatch import attention
+    real = attention.F.scaled_dot_product_attention
+
+    def warning_sdpa(*args, **kwargs):
+        warnings.warn("Flash attention has been runtime disabled.", UserWarning, stacklevel=2)  # as torch's C++ does
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", warning_sdpa)
+    q = torch.randn(1, 8, 2, 8)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        attention.sdpa(q, q, q)
+        assert [str(w.message) for w in shown] == ["Flash attention has been runtime disabled."]
+        choice = attention.choose(OmegaConf.create({"name": "auto"}), None, torch.device("cpu"), torch.float32, 2, 64,
+                                  64)
+    assert choice.label == "sdpa" and len(shown) == 1, [str(w.message) for w in shown]
+
