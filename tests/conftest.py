@@ -18,12 +18,12 @@ TEST_OVERRIDES = ["model=tiny", "steps=2", "progress=false"]
 
 # The longest files first: `-n 2 --dist loadfile` hands files out in collection order, so a long one collected last
 # leaves the other worker idle until it ends.
-LONGEST_FILES = ["test_crash.py", "test_slurm.py", "test_fleet.py", "test_hardening.py", "test_lora.py"]
+LONGEST_FILES = {name: rank for rank, name in enumerate(
+    ["test_crash.py", "test_slurm.py", "test_fleet.py", "test_hardening.py", "test_lora.py"])}
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: LONGEST_FILES.index(item.path.name) if item.path.name in LONGEST_FILES
-               else len(LONGEST_FILES))
+    items.sort(key=lambda item: LONGEST_FILES.get(item.path.name, len(LONGEST_FILES)))
 
 
 def compose_config(*overrides: str):

@@ -246,7 +246,7 @@ def test_choosing_attention_keeps_the_kernel_warnings_torch_raises_on_purpose_ou
         warnings.simplefilter("always")
         attention.sdpa(q, q, q)
         assert [str(w.message) for w in shown] == ["Flash attention has been runtime disabled."]
-        choice = attention.choose(OmegaConf.create({"name": "auto"}), None, torch.device("cpu"), torch.float32, 2, 64,
-                                  64)
+        auto = OmegaConf.create({"name": "auto"})
+        choice = attention.choose(auto, None, torch.device("cpu"), torch.float32, 2, 64, 64)
     assert choice.label == "sdpa" and len(shown) == 1, [str(w.message) for w in shown]
 
