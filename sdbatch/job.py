@@ -246,7 +246,7 @@ def speed_up(model, cfg, output_dir: Path) -> None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
         os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     model.optimise(fuse_qkv=cfg.fuse_qkv and gpu, fp8=cfg.dtype == "fp8", channels_last=cfg.channels_last and gpu,
-                   compile_mode=cfg.compile_mode if cfg.compile and gpu else None)
+                   compile_mode=cfg.compile_mode if cfg.compile and gpu else None, compile_scope=cfg.compile_scope)
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

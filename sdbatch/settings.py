@@ -161,6 +161,7 @@ RUN_RULES = {
     "vae_dtype": choice("auto", "fp16", "bf16", "fp32"),
     "compile": boolean,
     "compile_mode": choice("default", "max-autotune-no-cudagraphs", "max-autotune"),
+    "compile_scope": choice("model", "blocks"),
     "compile_cache": optional(path),
     "fuse_qkv": boolean,
     "channels_last": boolean,

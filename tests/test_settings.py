@@ -65,6 +65,7 @@ BAD = {  # override -> words of the problem
     "dtype=int8": "dtype=int8 must be auto | fp16 | bf16 | fp32 | fp8",
     "on_invalid=ignore": "on_invalid=ignore must be error | skip",
     "compile_mode=fast": "compile_mode=fast must be default |",
+    "compile_scope=layers": "compile_scope=layers must be model | blocks",
     "progress=yes": "progress=yes must be true or false",
     "gpu_hour_cost=-1": "gpu_hour_cost=-1 must be a price per GPU-hour: a finite number of at least 0",
     "gpu_hour_cost=nan": "gpu_hour_cost=nan must be a price per GPU-hour",
