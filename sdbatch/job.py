@@ -242,11 +242,23 @@ def speed_up(model, cfg, output_dir: Path) -> None:
     new process spent 7 s of its first batch on it (SD1.5, batch 32, on an H100)."""
     gpu = model.device.type == "cuda"
     if gpu and cfg.compile:
-        cache = run_cache(cfg, output_dir)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
-        os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+        point_compile_caches(run_cache(cfg, output_dir))
     model.optimise(fuse_qkv=cfg.fuse_qkv and gpu, fp8=cfg.dtype == "fp8", channels_last=cfg.channels_last and gpu,
                    compile_mode=cfg.compile_mode if cfg.compile and gpu else None, compile_scope=cfg.compile_scope)
+
+
+_POINTED: set[str] = set()  # cache folders this process pointed torch at (a later run may point elsewhere)
+
+
+def point_compile_caches(cache: Path) -> None:
+    """Inductor's and Triton's caches in the run's cache folder, unless the user pointed them elsewhere. torch sets
+    TORCHINDUCTOR_CACHE_DIR to its own default under /tmp as soon as torch._dynamo is imported (diffusers imports
+    it), so that value is not the user's: keeping it would leave every host with its own cold cache."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    for name, folder in (("TORCHINDUCTOR_CACHE_DIR", cache / "inductor"), ("TRITON_CACHE_DIR", cache / "triton")):
+        if os.environ.get(name) in (None, default_cache_dir(), *_POINTED):
+            os.environ[name] = str(folder)
+            _POINTED.add(str(folder))
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

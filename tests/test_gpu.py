@@ -73,7 +73,8 @@ def test_end_to_end_render_with_each_backend(tmp_path, backend):
 
 def test_compiling_each_block_renders_what_compiling_the_whole_model_does(tmp_path):
     """compile_scope=blocks against the default whole-model compile: same rows, same pixels to within rounding
-    (the kernels fuse differently), and no Dynamo recompile-limit warning (every block shape has its cache entry)."""
+    (the kernels fuse differently), no Dynamo recompile-limit warning (every block shape has its cache entry), and
+    the compile cache in the run's folder, where other hosts' array tasks find it."""
     import numpy as np
     import pyarrow as pa
     from PIL import Image
@@ -87,6 +88,7 @@ def test_compiling_each_block_renders_what_compiling_the_whole_model_does(tmp_pa
                                "progress=false"], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "recompile_limit" not in done.stderr, done.stderr[-3000:]
+        assert list((out / ".cache" / "torch" / "inductor").rglob("*.py")), "the compile cache is elsewhere"
         rows = sorted(pq.read_table(next((out / "ledger").glob("*.parquet"))).to_pylist(), key=lambda r: r["prompt"])
         assert [r["status"] for r in rows] == ["ok"] * 3
         images[scope] = [np.asarray(Image.open(out / r["image_path"]), dtype=np.int16) for r in rows]

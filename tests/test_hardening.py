@@ -250,3 +250,28 @@ def test_choosing_attention_keeps_the_kernel_warnings_torch_raises_on_purpose_ou
         choice = attention.choose(auto, None, torch.device("cpu"), torch.float32, 2, 64, 64)
     assert choice.label == "sdpa" and len(shown) == 1, [str(w.message) for w in shown]
 
+
+
+COMPILE_ONE_FUNCTION = """
+import sys, torch
+from pathlib import Path
+from sdbatch import job  # imports diffusers, which imports torch._dynamo: torch points its cache at /tmp then
+job.point_compile_caches(Path(sys.argv[1]))
+torch.compile(lambda x: torch.sin(x) * 2)(torch.randn(8))
+"""
+
+
+@pytest.mark.parametrize("user_folder", [False, True])
+def test_the_compile_cache_lands_in_the_runs_folder_unless_the_user_chose_one(tmp_path, user_folder):
+    """Array tasks on other hosts and later nights reuse the compile cache only if it is in the run's folder, not
+    in the /tmp default torch sets on import; a TORCHINDUCTOR_CACHE_DIR the user set is theirs to keep."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    if user_folder:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "mine")
+    run_cache = tmp_path / "out" / ".cache" / "torch"
+    done = subprocess.run([sys.executable, "-c", COMPILE_ONE_FUNCTION, str(run_cache)], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    generated = tmp_path / "mine" if user_folder else run_cache / "inductor"
+    assert list(generated.rglob("*.py")), "Inductor wrote its generated code elsewhere"
+    assert user_folder or not (tmp_path / "mine").exists()
