@@ -237,7 +237,8 @@ def main():
               "negative_prompt": args.negative,
               "versions": {"torch": torch.__version__}, "rows": []}
     b1_images = 2 if args.smoke else args.b1_images
-    best = [*args.best.split(), f"batch_size={args.batch}", f"compile_cache={args.compile_cache or work_dir() / 'compile-cache'}"]
+    cache = args.compile_cache or work_dir() / "compile-cache"
+    best = [*args.best.split(), f"batch_size={args.batch}", f"compile_cache={cache}"]
     xformers_ok = cuda()
     plan = [
         ("diffusers-vanilla-b1", lambda: diffusers_row("diffusers-vanilla-b1", args, model_cfg, AttnProcessor(), 1, b1_images)),

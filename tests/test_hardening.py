@@ -251,7 +251,6 @@ def test_choosing_attention_keeps_the_kernel_warnings_torch_raises_on_purpose_ou
     assert choice.label == "sdpa" and len(shown) == 1, [str(w.message) for w in shown]
 
 
-
 COMPILE_ONE_FUNCTION = """
 import sys, torch
 from pathlib import Path
