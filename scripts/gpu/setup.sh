@@ -10,6 +10,8 @@
 #        2. export PYTHONPATH=$SITE:<repo root>
 #        3. build xformers from .whl/xformers-*.tar.gz against the torch there (~60-70 s on 16 cores), unless
 #           $SITE already holds an xformers whose xformers.ops.fmha.common._built_with_cuda is True
+#        3b. build FlashAttention-3 (xformers' flash3 operator) with scripts/gpu/fa3.sh, ~2 min, where
+#           .whl/flash-attention-*.tar.gz was carried (fa3.sh pack) and $SITE has no flash_attn_3 yet
 #        4. print one check line: torch, GPU, diffusers, xformers (+ _built_with_cuda), available
 #           memory_efficient_attention ops.
 # Stops at the first failure with a message beginning "setup.sh: ERROR"; when sourced it returns non-zero
@@ -92,6 +94,14 @@ _sdbatch_setup() {
     [[ -e ${built[0]} ]] || { _sdbatch_die "the build made no wheel (log: $log)"; return 1; }
     PIP_ROOT_USER_ACTION=ignore "$py" -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target "$site" "${built[0]}" \
       || { _sdbatch_die "pip install of ${built[0]} into $site failed"; return 1; }
+  fi
+
+  # --- 3b. FlashAttention-3 for xformers' flash3 operator, where its sources were carried (scripts/gpu/fa3.sh pack)
+  local fa_tars=("$whl"/flash-attention-*.tar.gz)
+  if [[ -e ${fa_tars[0]} && ${SDBATCH_SKIP_BUILD:-0} != 1 ]] \
+     && ! "$py" -c 'import torch, flash_attn_3._C' >/dev/null 2>&1; then
+    SDBATCH_SITE=$site PYTHON=$py "$root/scripts/gpu/fa3.sh" build \
+      || { _sdbatch_die "the FlashAttention-3 build failed (see above)"; return 1; }
   fi
 
   # --- 4. check line
