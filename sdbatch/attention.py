@@ -5,6 +5,8 @@ projections once; which backend runs for each attention shape is decided before 
 """
 
 import contextlib
+import functools
+import importlib.util
 import json
 import logging
 import math
@@ -53,14 +55,65 @@ def sdpa(q, k, v, options=None):
 
 
 def xformers(q, k, v, options=None):
+    op = (options or {}).get("op", "auto")
+    if op == "flash3" and not torch.compiler.is_compiling():  # a compiled shape was checked when it was chosen
+        _check_flash3(q)
+    return xformers_attention(q.contiguous(), k.contiguous(), v.contiguous(), op)
+
+
+@torch.library.custom_op("sdbatch::xformers_attention", mutates_args=())
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str) -> torch.Tensor:
+    """xformers' forward as one opaque operator, so torch.compile never traces xformers' Python dispatch (its
+    checks, logging and version probes), where one graph break splits the UNet's graph: a break in sdbatch's own
+    flash3 check made a compiled SD1.5 step 24% slower on an H100 (notes.md)."""
     import xformers.ops as xops
-    return xops.memory_efficient_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(),
-                                                   op=_xformers_op(options))
+    return xops.memory_efficient_attention_forward(q, k, v, op=_xformers_op({"op": op}))
+
+
+@xformers_attention.register_fake
+def _(q, k, v, op):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+FLASH3_WIDTHS = (64, 96, 128, 192, 256)  # the head widths FlashAttention-3 has kernels for (it pads up to one)
+
+
+def _check_flash3(q):
+    """Raise where the installed FlashAttention-3 build has no kernel for q. Its own checks are no use: on a width,
+    dtype or GPU it was built without, the process dies (seen: a segfault at head width 256 on a build up to 192)."""
+    widest, left_out = _flash3_build()
+    if q.shape[-1] > widest:
+        raise ValueError(f"this FlashAttention-3 build has kernels for head widths up to {widest}, not {q.shape[-1]}")
+    if q.dtype == torch.float16 and "FLASHATTENTION_DISABLE_FP16" in left_out:
+        raise ValueError("this FlashAttention-3 build has no fp16 kernels")
+    if "FLASHATTENTION_DISABLE_SM8x" in left_out and torch.cuda.get_device_capability(q.device) < (9, 0):
+        raise ValueError("this FlashAttention-3 build has kernels for Hopper GPUs only")
+
+
+@functools.cache
+def _flash3_build() -> tuple[int, frozenset]:
+    """The widest head FlashAttention-3 was built for, and the build flags that left kernels out."""
+    from flash_attn_config import CONFIG  # written by flash-attention's setup.py beside the package
+    left_out = frozenset(flag for flag, disabled in CONFIG["build_flags"].items() if disabled)
+    widest = max((w for w in FLASH3_WIDTHS if f"FLASHATTENTION_DISABLE_HDIM{w}" not in left_out), default=0)
+    return widest, left_out
+
+
+XFORMERS_OPS = ("cutlass", "flash", "flash3")  # xformers.ops.fmha modules, each with its forward operator FwOp
 
 
 def _xformers_op(options):
+    op = (options or {}).get("op", "auto")
+    if op == "auto":
+        return None
     from xformers.ops import fmha
-    return {"auto": None, "cutlass": fmha.cutlass.FwOp, "flash": fmha.flash.FwOp}[(options or {}).get("op", "auto")]
+    return getattr(fmha, op).FwOp
+
+
+def xformers_ops() -> list[str]:
+    """The operators `op=auto` times: FlashAttention-3 only where its package is installed (xformers loads it from
+    flash-attention's hopper/ build, which scripts/gpu/fa3.sh makes), so its absence is no warning."""
+    return [op for op in XFORMERS_OPS if op != "flash3" or importlib.util.find_spec("flash_attn_3")]
 
 
 BACKENDS = {"xformers": xformers, "sdpa": sdpa, "vanilla": vanilla}
@@ -164,7 +217,7 @@ def candidates(name: str, options: dict) -> list[Variant]:
     if name == "sdpa" and options.get("kernel", "auto") == "auto":
         return [("sdpa", {"kernel": "auto"})] + [("sdpa", {"kernel": k}) for k in ("flash", "efficient", "cudnn")]
     if name == "xformers" and options.get("op", "auto") == "auto":
-        return [("xformers", {"op": "cutlass"}), ("xformers", {"op": "flash"})]
+        return [("xformers", {"op": op}) for op in xformers_ops()]
     return [(name, options)]
 
 

@@ -16,7 +16,7 @@ CONF_DIR = Path(__file__).parent / "conf"
 ARCH_DIR = Path(__file__).parent / "arch"
 SD_SCHEDULE = {"num_train_timesteps": 1000, "steps_offset": 1}  # models.SD_SCHEDULER_CONFIG: a folder without one
 SDPA_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")  # attention.SDPA_KERNELS, plus auto
-XFORMERS_OPS = ("auto", "cutlass", "flash")
+XFORMERS_OPS = ("auto", "cutlass", "flash", "flash3")
 ABSENT = object()
 
 # The most steps a scheduler class can place on T training timesteps with steps_offset o, per timestep_spacing;

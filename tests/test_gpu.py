@@ -1,6 +1,7 @@
 """GPU tests (run on the H200: `python -m pytest -m gpu`): every attention backend on full-size architectures."""
 
 import importlib.util
+import math
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 HAS_XFORMERS = importlib.util.find_spec("xformers") is not None  # optional: scripts/gpu/setup.sh builds it
 BACKENDS = ["vanilla", "sdpa", "xformers", "auto"] if HAS_XFORMERS else ["vanilla", "sdpa", "auto"]
 NO_XFORMERS = pytest.mark.skipif(not HAS_XFORMERS, reason="xformers is not installed (scripts/gpu/setup.sh builds it)")
+HAS_FLASH3 = importlib.util.find_spec("flash_attn_3") is not None  # optional: scripts/gpu/fa3.sh builds it
 # the memory-efficient kernel set against the materialised scores: xformers', or else PyTorch's own
 EFFICIENT = ("xformers", {"op": "cutlass"}) if HAS_XFORMERS else ("sdpa", {"kernel": "efficient"})
 REL_TOLERANCE = 1e-2  # fp16 operands against an fp32 reference: measured errors sit near 1e-3
@@ -69,6 +71,26 @@ def test_end_to_end_render_with_each_backend(tmp_path, backend):
     for row in rows:
         pixels = np.asarray(Image.open(out / row["image_path"]))
         assert pixels.shape == (256, 256, 3) and np.isfinite(pixels).all() and pixels.std() > 0
+
+
+@pytest.mark.skipif(not (HAS_XFORMERS and HAS_FLASH3), reason="needs xformers and flash_attn_3 (scripts/gpu/fa3.sh)")
+def test_flash3_runs_every_head_width_of_the_models_and_refuses_a_wider_one():
+    """xformers' FlashAttention-3 operator on SD1.5's 40-, 80- and 160-wide heads (padded to the widths built) and
+    SDXL's 64-wide ones, against fp32 attention; a head wider than the build has is an error, not a dead process."""
+    cuda = torch.device("cuda")
+    for shape in [(2, 4096, 4096, 8, 40), (2, 4096, 77, 8, 40), (2, 1024, 1024, 8, 80), (2, 256, 256, 8, 160),
+                  (2, 4096, 4096, 10, 64)]:
+        q, kv = attention.random_qkv(shape, cuda, torch.float16)
+        out = attention.xformers(q, kv, kv, {"op": "flash3"}).float()
+        reference = attention.sdpa(q.float(), kv.float(), kv.float(), {"kernel": "math"})
+        assert (out - reference).abs().max() < 5e-3, shape
+    widest, _ = attention._flash3_build()
+    if widest < 256:
+        shape = (2, 64, 64, 4, widest + 8)
+        assert math.isinf(attention.trial(("xformers", {"op": "flash3"}), shape, cuda, torch.float16))
+        q, _ = attention.random_qkv(shape, cuda, torch.float16)
+        with pytest.raises(ValueError, match=f"head widths up to {widest}"):
+            attention.xformers(q, q, q, {"op": "flash3"})
 
 
 def test_compiling_each_block_renders_what_compiling_the_whole_model_does(tmp_path):

@@ -39,6 +39,7 @@ def test_every_config_key_has_a_rule():
 def test_attention_options_match_the_backends():
     attention = pytest.importorskip("sdbatch.attention")
     assert set(settings.SDPA_KERNELS) == {"auto", *attention.SDPA_KERNELS}
+    assert set(settings.XFORMERS_OPS) == {"auto", *attention.XFORMERS_OPS}
 
 
 BAD = {  # override -> words of the problem
