@@ -16,6 +16,8 @@
 #   xformers==0.0.35           the SOURCE tarball: the PyPI wheel is built for another torch, so
 #                              setup.sh compiles it on the H200 against the torch there
 # All wheels are py3-none-any, so the Python version here does not matter.
+# FlashAttention-3 (xformers' flash3 operator) comes as sources too, from two git mirrors rather than a registry:
+# scripts/gpu/fa3.sh pack FLASH_ATTENTION_REPO CUTLASS_REPO adds .whl/flash-attention-<commit>.tar.gz (2.7 MB).
 #
 # Idempotent: a package whose file is already in .whl/ (any version) is skipped; delete the file to refetch.
 # Env: PYTHON (default python3), WHL_DIR (default <repo>/.whl).
