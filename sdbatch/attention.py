@@ -67,7 +67,8 @@ def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: st
     checks, logging and version probes), where one graph break splits the UNet's graph: a break in sdbatch's own
     flash3 check made a compiled SD1.5 step 24% slower on an H100 (notes.md)."""
     import xformers.ops as xops
-    return xops.memory_efficient_attention_forward(q, k, v, op=_xformers_op({"op": op}))
+    forward = None if op == "auto" else getattr(xops.fmha, op).FwOp  # XFORMERS_OPS name fmha's modules
+    return xops.memory_efficient_attention_forward(q, k, v, op=forward)
 
 
 @xformers_attention.register_fake
@@ -100,14 +101,6 @@ def _flash3_build() -> tuple[int, frozenset]:
 
 
 XFORMERS_OPS = ("cutlass", "flash", "flash3")  # xformers.ops.fmha modules, each with its forward operator FwOp
-
-
-def _xformers_op(options):
-    op = (options or {}).get("op", "auto")
-    if op == "auto":
-        return None
-    from xformers.ops import fmha
-    return getattr(fmha, op).FwOp
 
 
 def xformers_ops() -> list[str]:

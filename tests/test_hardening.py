@@ -251,46 +251,49 @@ def test_choosing_attention_keeps_the_kernel_warnings_torch_raises_on_purpose_ou
     assert choice.label == "sdpa" and len(shown) == 1, [str(w.message) for w in shown]
 
 
-def fake_flash3_build(root: Path, widths, **flags) -> None:
-    """A flash_attn_3 package as flash-attention's setup.py installs it: the config of what the build left out
+@pytest.fixture
+def flash3_build(tmp_path, monkeypatch):
+    """Installs a flash_attn_3 package as flash-attention's setup.py does: the config of what the build left out
     lies beside it (sdbatch reads that config only; the kernels themselves need a Hopper GPU)."""
-    left_out = {f"FLASHATTENTION_DISABLE_HDIM{w}": w not in widths for w in (64, 96, 128, 192, 256)}
-    left_out |= {"FLASHATTENTION_DISABLE_FP16": False, "FLASHATTENTION_DISABLE_SM8x": False} | flags
-    (root / "flash_attn_3").mkdir()
-    (root / "flash_attn_3" / "__init__.py").write_text("")
-    (root / "flash_attn_config.py").write_text(f"CONFIG = {{'build_flags': {left_out!r}}}\n")
+    from sdbatch import attention
+
+    def install(widths, **flags) -> None:
+        left_out = {f"FLASHATTENTION_DISABLE_HDIM{w}": w not in widths for w in (64, 96, 128, 192, 256)}
+        left_out |= {"FLASHATTENTION_DISABLE_FP16": False, "FLASHATTENTION_DISABLE_SM8x": False} | flags
+        (tmp_path / "flash_attn_3").mkdir()
+        (tmp_path / "flash_attn_3" / "__init__.py").write_text("")
+        (tmp_path / "flash_attn_config.py").write_text(f"CONFIG = {{'build_flags': {left_out!r}}}\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+
+    yield install
+    sys.modules.pop("flash_attn_config", None)
+    attention._flash3_build.cache_clear()
 
 
-def test_flash3_is_timed_only_where_installed_and_kept_off_heads_its_build_lacks(tmp_path, monkeypatch):
+def test_flash3_is_timed_only_where_installed_and_kept_off_heads_its_build_lacks(flash3_build):
     """FlashAttention-3 kills the process (a segfault, seen on an H100) on a head width, dtype or GPU its build
     left out, so sdbatch refuses those calls itself, as an error the per-shape choice passes over."""
     import torch
     from sdbatch import attention
     auto = ("xformers", {"op": "auto"})
     assert attention.candidates(*auto) == [("xformers", {"op": "cutlass"}), ("xformers", {"op": "flash"})]
-    fake_flash3_build(tmp_path, widths=(64, 96, 192), FLASHATTENTION_DISABLE_FP16=True)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        assert ("xformers", {"op": "flash3"}) in attention.candidates(*auto)
-        with pytest.raises(ValueError, match="head widths up to 192, not 256"):
-            attention._check_flash3(torch.zeros(1, 8, 2, 256, dtype=torch.bfloat16))
-        with pytest.raises(ValueError, match="no fp16 kernels"):
-            attention._check_flash3(torch.zeros(1, 8, 2, 160, dtype=torch.float16))
-        attention._check_flash3(torch.zeros(1, 8, 2, 160, dtype=torch.bfloat16))  # padded to 192: runs
-    finally:
-        sys.modules.pop("flash_attn_config", None)
-        attention._flash3_build.cache_clear()
+    flash3_build(widths=(64, 96, 192), FLASHATTENTION_DISABLE_FP16=True)
+    assert ("xformers", {"op": "flash3"}) in attention.candidates(*auto)
+    with pytest.raises(ValueError, match="head widths up to 192, not 256"):
+        attention._check_flash3(torch.zeros(1, 8, 2, 256, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="no fp16 kernels"):
+        attention._check_flash3(torch.zeros(1, 8, 2, 160, dtype=torch.float16))
+    attention._check_flash3(torch.zeros(1, 8, 2, 160, dtype=torch.bfloat16))  # padded to 192: runs
 
 
-def test_attention_through_xformers_compiles_to_one_graph(tmp_path, monkeypatch):
+def test_attention_through_xformers_compiles_to_one_graph(flash3_build, monkeypatch):
     """A graph break at attention splits a compiled UNet into pieces (a break in the flash3 check made a compiled
     SD1.5 step 24% slower on an H100), so the xformers call, that check included, traces whole. xformers has no
     CPU kernel: its entry point is stood in for by SDPA, which the compiled function must then reproduce."""
     import torch
     import xformers.ops
     from sdbatch import attention
-    fake_flash3_build(tmp_path, widths=(64,))
-    monkeypatch.syspath_prepend(str(tmp_path))
+    flash3_build(widths=(64,))
     monkeypatch.setattr(xformers.ops, "memory_efficient_attention_forward",
                         lambda q, k, v, op: attention.sdpa(q, k, v))
     q = torch.randn(2, 64, 8, 40)
@@ -300,8 +303,6 @@ def test_attention_through_xformers_compiles_to_one_graph(tmp_path, monkeypatch)
             attend = torch.compile(lambda q: attention.xformers(q, q * 2, q, {"op": op}), fullgraph=True)
             assert torch.allclose(attend(q), attention.sdpa(q, q * 2, q), atol=1e-5), op
     finally:
-        sys.modules.pop("flash_attn_config", None)
-        attention._flash3_build.cache_clear()
         torch._dynamo.reset()
 
 
