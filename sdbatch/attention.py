@@ -58,7 +58,7 @@ def xformers(q, k, v, options=None):
     op = (options or {}).get("op", "auto")
     if op == "flash3" and not torch.compiler.is_compiling():  # a compiled shape was checked when it was chosen
         _check_flash3(q)
-    return xformers_attention(q.contiguous(), k.contiguous(), v.contiguous(), op)
+    return xformers_attention(q, k, v, op)  # strided views of fused projections too: no copies
 
 
 @torch.library.custom_op("sdbatch::xformers_attention", mutates_args=())
@@ -67,8 +67,18 @@ def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: st
     checks, logging and version probes), where one graph break splits the UNet's graph: a break in sdbatch's own
     flash3 check made a compiled SD1.5 step 24% slower on an H100 (notes.md)."""
     import xformers.ops as xops
-    forward = None if op == "auto" else getattr(xops.fmha, op).FwOp  # XFORMERS_OPS name fmha's modules
-    return xops.memory_efficient_attention_forward(q, k, v, op=forward)
+    if op == "auto":
+        return xops.memory_efficient_attention_forward(q, k, v)
+    forward = getattr(xops.fmha, op).FwOp  # XFORMERS_OPS name fmha's modules
+    inputs = (op, q.dtype, q.device, *(t.shape for t in (q, k, v)), *(t.stride() for t in (q, k, v)))
+    if inputs in XFORMERS_CHECKED:  # its checks take more host time than the kernel (scripts/gpu/host_overhead.py)
+        return forward.apply(xops.fmha.Inputs(q, k, v), needs_gradient=False)[0].reshape(*q.shape[:-1], v.shape[-1])
+    out = xops.memory_efficient_attention_forward(q, k, v, op=forward)
+    XFORMERS_CHECKED.add(inputs)
+    return out
+
+
+XFORMERS_CHECKED = set()  # (op, dtype, device, shapes, strides) that xformers' checks passed: later calls skip them
 
 
 @xformers_attention.register_fake

@@ -93,6 +93,27 @@ def test_flash3_runs_every_head_width_of_the_models_and_refuses_a_wider_one():
             attention.xformers(q, q, q, {"op": "flash3"})
 
 
+@NO_XFORMERS
+def test_xformers_checks_an_input_layout_once_then_gives_the_same_output_and_keeps_refusing_what_it_cannot_run():
+    """Rendering skips xformers' per-call checks for inputs it already accepted (they cost more host time than the
+    kernel): on a fused projection's strided views every operator gives the checked call's output bit for bit, and
+    what an operator refuses it refuses every time."""
+    cuda = torch.device("cuda")
+    qkv = torch.randn(2, 1024, 3 * 8 * 40, device=cuda, dtype=torch.float16)
+    q, k, v = (t.view(2, 1024, 8, 40) for t in qkv.chunk(3, dim=-1))
+    reference = attention.sdpa(q.float(), k.float(), v.float(), {"kernel": "math"})
+    for op in attention.xformers_ops():
+        attention.XFORMERS_CHECKED.clear()
+        checked = attention.xformers(q, k, v, {"op": op})
+        assert (checked.float() - reference).abs().max() < 5e-3, op
+        assert torch.equal(attention.xformers(q, k, v, {"op": op}), checked), op
+        assert len(attention.XFORMERS_CHECKED) == 1, op
+    wide = torch.randn(1, 64, 1, 512, device=cuda, dtype=torch.float16)  # FlashAttention-2 has no 512-wide kernel
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            attention.xformers(wide, wide, wide, {"op": "flash"})
+
+
 def test_compiling_each_block_renders_what_compiling_the_whole_model_does(tmp_path):
     """compile_scope=blocks against the default whole-model compile: same rows, same pixels to within rounding
     (the kernels fuse differently), no Dynamo recompile-limit warning (every block shape has its cache entry), and
