@@ -10,6 +10,11 @@
 #        2. export PYTHONPATH=$SITE:<repo root>
 #        3. build xformers from .whl/xformers-*.tar.gz against the torch there (~60-70 s on 16 cores), unless
 #           $SITE already holds an xformers whose xformers.ops.fmha.common._built_with_cuda is True
+#           To skip the build on a later machine (72 s on an H100's 16 cores): pack the built package there,
+#             tar czf $OUT/xformers-site.tgz -C $SDBATCH_SITE xformers xformers-0.0.35.dist-info   (3.7 MB)
+#           keep it in a carried, git-ignored folder, and unpack it before sourcing this script:
+#             mkdir -p $SDBATCH_SITE && tar xzf .gpu/xformers-site.tgz -C $SDBATCH_SITE
+#           It fits only the torch it was built against (the CHECK line's _built_with_cuda says so).
 #        3b. build FlashAttention-3 (xformers' flash3 operator) with scripts/gpu/fa3.sh, ~2 min, where
 #           .whl/flash-attention-*.tar.gz was carried (fa3.sh pack) and $SITE has no flash_attn_3 yet
 #        4. print one check line: torch, GPU, diffusers, xformers (+ _built_with_cuda), available
