@@ -14,7 +14,8 @@
 #             tar czf $OUT/xformers-site.tgz -C $SDBATCH_SITE xformers xformers-0.0.35.dist-info   (3.7 MB)
 #           keep it in a carried, git-ignored folder, and unpack it before sourcing this script:
 #             mkdir -p $SDBATCH_SITE && tar xzf .gpu/xformers-site.tgz -C $SDBATCH_SITE
-#           It fits only the torch it was built against (the CHECK line's _built_with_cuda says so).
+#           It fits only the torch it was built against: under another, xformers warns on import that its
+#           C++/CUDA extensions were built for another PyTorch, and its operators are missing from the CHECK line.
 #        3b. build FlashAttention-3 (xformers' flash3 operator) with scripts/gpu/fa3.sh, ~2 min, where
 #           .whl/flash-attention-*.tar.gz was carried (fa3.sh pack) and $SITE has no flash_attn_3 yet
 #        4. print one check line: torch, GPU, diffusers, xformers (+ _built_with_cuda), available
