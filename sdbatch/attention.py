@@ -61,6 +61,9 @@ def xformers(q, k, v, options=None):
     return xformers_attention(q, k, v, op)  # strided views of fused projections too: no copies
 
 
+XFORMERS_CHECKED = set()  # (op, dtype, device, shapes, strides) that xformers' checks passed: later calls skip them
+
+
 @torch.library.custom_op("sdbatch::xformers_attention", mutates_args=())
 def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str) -> torch.Tensor:
     """xformers' forward as one opaque operator, so torch.compile never traces xformers' Python dispatch (its
@@ -76,9 +79,6 @@ def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: st
     out = xops.memory_efficient_attention_forward(q, k, v, op=forward)
     XFORMERS_CHECKED.add(inputs)
     return out
-
-
-XFORMERS_CHECKED = set()  # (op, dtype, device, shapes, strides) that xformers' checks passed: later calls skip them
 
 
 @xformers_attention.register_fake
