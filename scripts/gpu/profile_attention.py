@@ -84,13 +84,14 @@ def kinds_table(events, flops: dict[str, float], step_ms: float, peak: float) ->
     """GPU time per kernel kind, its share of the step, and its TFLOP/s (where torch counts its FLOPs)."""
     ms = {}
     for e in kernels(events):
-        ms[kind(e.key)] = ms.get(kind(e.key), 0.0) + e.self_device_time_total / 1e3
+        label = kind(e.key)
+        ms[label] = ms.get(label, 0.0) + e.self_device_time_total / 1e3
     lines = [f"    {'kind':<42}{'ms':>8}{'% of step':>11}{'TFLOP':>8}{'TFLOP/s':>9}{'% of peak':>11}"]
     for label, t in sorted(ms.items(), key=lambda item: -item[1]):
-        work = flops.get(label)
-        rate = f"{work / t / 1e9:>9.0f}{100 * work / t / 1e9 / peak:>10.0f}%" if work else ""
-        lines.append(f"    {label:<42}{t:>8.1f}{100 * t / step_ms:>10.1f}%"
-                     + (f"{work / 1e12:>8.2f}{rate}" if work else ""))
+        line, work = f"    {label:<42}{t:>8.1f}{100 * t / step_ms:>10.1f}%", flops.get(label)
+        if work:
+            line += f"{work / 1e12:>8.2f}{work / t / 1e9:>9.0f}{100 * work / t / 1e9 / peak:>10.0f}%"
+        lines.append(line)
     dense = flops.get("matmul", 0.0) + flops.get("convolution", 0.0)
     dense_ms = ms.get("matmul", 0.0) + ms.get("convolution", 0.0)
     if dense and dense_ms:  # cuDNN and Inductor may run a 1×1 convolution as a GEMM kernel: only the sum is exact
