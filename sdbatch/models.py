@@ -90,7 +90,7 @@ class Model:
         if compile_mode and compile_scope == "blocks":
             compile_blocks([*self.unet.modules(), *self.vae.decoder.modules()], compile_mode)
         elif compile_mode:
-            self.unet = torch.compile(self.unet, mode=compile_mode, dynamic=False)
+            self.unet = torch.compile(self.unet, dynamic=False, options=channels_last_convolutions(compile_mode))
             self.vae.decode = torch.compile(self.vae.decode, mode=compile_mode, dynamic=False)
 
     def prompt_chunks(self, text: str) -> int:
@@ -194,6 +194,14 @@ def compile_blocks(modules, compile_mode: str) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks))
     for block in blocks:
         block.compile(mode=compile_mode, dynamic=False)
+
+
+def channels_last_convolutions(compile_mode: str) -> dict:
+    """Inductor's options for compile_mode, with its channels-last convolutions forced on. Inductor gives them up in
+    a graph of 300 nodes or more per convolution: SDXL's fp8 UNet is one (15,852 nodes for 51 convolutions), and
+    then cuDNN converts each convolution's input and output, 4.7% of its step on an H100."""
+    from torch._inductor import list_mode_options
+    return {**list_mode_options(compile_mode), "force_layout_optimization": True}
 
 
 def fuse_projections(model: Model) -> None:
