@@ -109,6 +109,9 @@ def profile(setup: str, args, peak: float) -> None:
     flops = flops_by_kind(model, args)
     chosen, detail = processor(setup, model, args)
     model.unet.set_attn_processor(chosen)
+    if args.triton_norms:
+        from triton_groupnorm import convert  # this script's folder
+        convert(model)
     model.optimise(fuse_qkv=not args.no_fuse, fp8=args.fp8, channels_last=not (args.eager or args.contiguous),
                    compile_mode=None if args.eager else args.mode)
     x, embeds, added = random_unet_inputs(model, args.latents, args.size, args.size)
@@ -144,12 +147,14 @@ def main():
     parser.add_argument("--no-fuse", action="store_true", help="leave the QKV projections unfused")
     parser.add_argument("--contiguous", action="store_true", help="compiled without channels-last (as --mlperf runs)")
     parser.add_argument("--fp8", action="store_true", help="the UNet's linears in FP8, as dtype=fp8 runs them")
+    parser.add_argument("--triton-norms", action="store_true", help="GroupNorm+SiLU by sdbatch's Triton passes")
     parser.add_argument("--mode", default="default", help="torch.compile mode (e.g. reduce-overhead: CUDA graphs)")
     parser.add_argument("--rows", type=int, default=22, help="kernels listed per setup")
     args = parser.parse_args()
     peak = matmul_peak_tflops()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {args.model} {args.size}², "
-          f"{args.latents} latents, {'eager' if args.eager else 'compiled ' + args.mode}{', fp8' if args.fp8 else ''}; "
+          f"{args.latents} latents, {'eager' if args.eager else 'compiled ' + args.mode}{', fp8' if args.fp8 else ''}"
+          f"{', Triton GroupNorms' if args.triton_norms else ''}; "
           f"fp16 matmul peak {peak:.0f} TFLOP/s", flush=True)
     for setup in args.setups.split(","):
         profile(setup, args, peak)
