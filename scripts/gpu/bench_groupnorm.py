@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from sdbatch.benchmark import time_cuda_ms
-from triton_groupnorm import GroupNorm  # this script's folder
+
+from profile_attention import kernels, kind  # this script's folder (both)
+from triton_groupnorm import GroupNorm
 
 CUDA = torch.device("cuda")
 # name: (batch, input channels, side, output channels) of a ResnetBlock2D's norm1 at the run's batch (CFG doubles it)
@@ -24,7 +26,7 @@ SHAPES = {
     "sdxl-32-2560": (16, 2560, 32, 1280),
     "sd15-64-640": (64, 640, 64, 320), "sd15-64-320": (64, 320, 64, 320), "sd15-16-2560": (64, 2560, 16, 1280),
 }
-CONVOLUTION = ("fprop", "xmma", "nchwtonhwc", "nhwctonchw", "implicit_gemm", "cudnn", "cutlass", "nvjet")
+DENSE = ("convolution", "convolution layout", "matmul")  # profile_attention's kinds that are not the norm's
 
 
 class Block(nn.Module):
@@ -44,9 +46,7 @@ def norm_ms(fn) -> float:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()
-               if e.self_device_time_total and not (any(w in e.key.lower() for w in CONVOLUTION)
-                                                    and not e.key.startswith("triton"))) / 1e3
+    return sum(e.self_device_time_total for e in kernels(prof.key_averages()) if kind(e.key) not in DENSE) / 1e3
 
 
 def measure(name: str, shape, setup: str, reference=None):
