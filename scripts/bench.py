@@ -204,8 +204,8 @@ def main():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--images", type=int, default=160, help="images per sdbatch row")
     parser.add_argument("--batch", type=int, default=32, help="sdbatch batch size (images)")
-    parser.add_argument("--best", help="overrides of the sdbatch-best rows (default: attention=auto compile=true, "
-                        "and channels_last=true but with --mlperf, where it slows fp8)")
+    parser.add_argument("--best", help="overrides of the sdbatch-best rows (default: attention=auto compile=true "
+                        "channels_last=true)")
     parser.add_argument("--b1-images", type=int, default=4, help="images of the one-prompt-per-call diffusers rows")
     parser.add_argument("--diffusers-batches", default="16,32", help="prompts per call tried for diffusers-sdpa-best")
     parser.add_argument("--rows", default="all", help="comma-separated row names to run (default all)")
@@ -224,7 +224,7 @@ def main():
         if args.rows == "all":
             args.rows = ("diffusers-sdpa-best,sdbatch-fp16-sdpa,sdbatch-fp16-best,sdbatch-fp16-best-vae-bf16,"
                          "sdbatch-fp8-best-vae-bf16")
-    args.best = args.best or ("attention=auto compile=true" + ("" if args.mlperf else " channels_last=true"))
+    args.best = args.best or "attention=auto compile=true channels_last=true"
     if args.smoke:
         args.model, args.size, args.steps, args.images, args.batch = "tiny", 64, 2, 8, 4
     args.model_overrides = [] if args.model == "tiny" else ["model.random_weights=true"]

@@ -6,14 +6,15 @@
 # builds only what sdbatch runs: the sm90 forward kernels, fp16 and bf16, at the head widths in FA3_HDIMS (default
 # "64 96 192": FA3 pads a head up to the next width it has, so SDXL's and SD2's 64-wide heads and SD1.5's 40-, 80-
 # and 160-wide ones all run; sdbatch keeps a head wider than the build's widest off it, where it would
-# crash). No backward, split-KV, paged KV, local, softcap, varlen or fp8.
+# crash). No backward, split-KV, paged KV, local, softcap or varlen, and no fp8 unless FA3_FP8=1 (e4m3 kernels at
+# the same widths, for scripts/gpu/fa3_fp8_probe.py).
 #
 #   scripts/gpu/fa3.sh pack FA_REPO CUTLASS_REPO   HERE: write .whl/flash-attention-<commit>.tar.gz (hopper/ and the
 #                                                   CUTLASS headers flash-attention pins, ~3 MB) from two git
 #                                                   checkouts or mirrors (the `fetch` tool brings both)
 #   scripts/gpu/fa3.sh build                        THERE, after `source scripts/gpu/setup.sh`: build the wheel from
 #                                                   that tarball and install it into $SDBATCH_SITE
-# Env: SDBATCH_SITE (default /tmp/sdbatch-site), SDBATCH_BUILD (default /tmp/sdbatch-fa3-build), FA3_HDIMS,
+# Env: SDBATCH_SITE (default /tmp/sdbatch-site), SDBATCH_BUILD (default /tmp/sdbatch-fa3-build), FA3_HDIMS, FA3_FP8,
 # SDBATCH_MAX_JOBS (default 16), FA3_WHEEL_COPY (a folder to copy the built wheel to, e.g. $OUT).
 set -euo pipefail
 
@@ -44,7 +45,8 @@ build() {
   [[ -n $build && $build != / ]] || die "refusing SDBATCH_BUILD='$build'"
   rm -rf "$build" && mkdir -p "$build/wheel" && tar xzf "${tars[0]}" -C "$build"
   src=$build/flash-attention/hopper
-  local -a off=(BACKWARD SPLIT PAGEDKV APPENDKV LOCAL SOFTCAP PACKGQA FP8 VARLEN SM80 CLUSTER HDIMDIFF64 HDIMDIFF192)
+  local -a off=(BACKWARD SPLIT PAGEDKV APPENDKV LOCAL SOFTCAP PACKGQA VARLEN SM80 CLUSTER HDIMDIFF64 HDIMDIFF192)
+  [[ ${FA3_FP8:-0} == 1 ]] || off+=(FP8)
   for hdim in 64 96 128 192 256; do
     [[ " ${FA3_HDIMS:-64 96 192} " == *" $hdim "* ]] || off+=("HDIM$hdim")
   done
@@ -52,7 +54,7 @@ build() {
   local -a env=(FLASH_ATTENTION_FORCE_BUILD=TRUE MAX_JOBS=${SDBATCH_MAX_JOBS:-16} NVCC_THREADS=1
                 NVCC_APPEND_FLAGS="--split-compile=${FA3_SPLIT:-8}")
   for flag in "${off[@]}"; do env+=("FLASH_ATTENTION_DISABLE_$flag=TRUE"); done
-  echo "fa3.sh: building $(basename "${tars[0]}" .tar.gz), head widths ${FA3_HDIMS:-64 96 192}; log: $build/build.log"
+  echo "fa3.sh: building $(basename "${tars[0]}" .tar.gz), head widths ${FA3_HDIMS:-64 96 192}, fp8 ${FA3_FP8:-0}; log: $build/build.log"
   t0=$(date +%s)
   (cd "$src" && env "${env[@]}" "$PY" -m pip wheel --no-deps --no-build-isolation --no-cache-dir -w "$build/wheel" .) \
     >"$build/build.log" 2>&1 || { tail -n 40 "$build/build.log" >&2; die "build failed after $(( $(date +%s) - t0 )) s"; }
