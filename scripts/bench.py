@@ -203,7 +203,7 @@ def main():
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--images", type=int, default=160, help="images per sdbatch row")
-    parser.add_argument("--batch", type=int, default=32, help="sdbatch batch size (images)")
+    parser.add_argument("--batch", type=int, help="sdbatch batch size (images; default 32, with --mlperf 8)")
     parser.add_argument("--best", help="overrides of the sdbatch-best rows (default: attention=auto compile=true "
                         "channels_last=true)")
     parser.add_argument("--b1-images", type=int, default=4, help="images of the one-prompt-per-call diffusers rows")
@@ -220,10 +220,11 @@ def main():
     args = parser.parse_args()
     if args.mlperf:
         args.model, args.size, args.steps, args.scheduler, args.guidance = "sdxl", 1024, 20, "euler", 8.0
-        args.negative, args.batch, args.diffusers_batches = MLPERF_NEGATIVE, 8, "8"
+        args.negative, args.diffusers_batches = MLPERF_NEGATIVE, "8"
         if args.rows == "all":
             args.rows = ("diffusers-sdpa-best,sdbatch-fp16-sdpa,sdbatch-fp16-best,sdbatch-fp16-best-vae-bf16,"
                          "sdbatch-fp8-best-vae-bf16")
+    args.batch = args.batch or (8 if args.mlperf else 32)
     args.best = args.best or "attention=auto compile=true channels_last=true"
     if args.smoke:
         args.model, args.size, args.steps, args.images, args.batch = "tiny", 64, 2, 8, 4
