@@ -18,6 +18,7 @@ UNet's MFU against it (sdbatch rows: from the ledger's denoising time per step).
 import argparse
 import gc
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -218,6 +219,8 @@ def main():
                         "the end); one a previous invocation filled measures warm processes across settings")
     parser.add_argument("--out", default="docs/benchmarks/h200.json")
     args = parser.parse_args()
+    # sdbatch's own progress (model loaded, attention chosen, batches) to stderr: a row that runs long shows where
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s sdbatch %(levelname)s %(message)s", stream=sys.stderr)
     if args.mlperf:
         args.model, args.size, args.steps, args.scheduler, args.guidance = "sdxl", 1024, 20, "euler", 8.0
         args.negative, args.diffusers_batches = MLPERF_NEGATIVE, "8"
