@@ -5,7 +5,8 @@ same random-weight full-size model and the same prompts.
     python scripts/bench.py --smoke --out /tmp/bench.json          # CPU smoke test (model=tiny; numbers meaningless)
     python scripts/bench.py --mlperf --out docs/benchmarks/h100-mlperf-sdxl.json   # MLPerf Inference's SDXL settings
 
---mlperf: SDXL base at 1024x1024, EulerDiscrete, 20 steps, CFG 8, MLPerf's fixed negative prompt; rows
+--mlperf: SDXL base at 1024x1024, EulerDiscrete, 20 steps, CFG 8, MLPerf's fixed negative prompt, batches of 8
+images unless --batch says otherwise (MLPerf's own UNet batch is 32 prompts); rows
 diffusers-sdpa-best, sdbatch-fp16-sdpa (eager), and compiled: sdbatch-fp16-best, sdbatch-fp16-best-vae-bf16 (the
 VAE in bf16 instead of fp32), sdbatch-fp8-best-vae-bf16; sdbatch-fp8-best (fp8 with the fp32 VAE) on request.
 
