@@ -19,7 +19,6 @@ UNet's MFU against it (sdbatch rows: from the ledger's denoising time per step).
 import argparse
 import gc
 import json
-import logging
 import re
 import shutil
 import subprocess
@@ -36,6 +35,7 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sdbatch import log_to_stderr  # noqa: E402
 from sdbatch.benchmark import matmul_peak_tflops, unet_flops_per_latent  # noqa: E402
 from sdbatch.models import load_model  # noqa: E402
 from sdbatch.render import make_scheduler  # noqa: E402
@@ -221,7 +221,7 @@ def main():
     parser.add_argument("--out", default="docs/benchmarks/h200.json")
     args = parser.parse_args()
     # sdbatch's own progress (model loaded, attention chosen, batches) to stderr: a row that runs long shows where
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s sdbatch %(levelname)s %(message)s", stream=sys.stderr)
+    log_to_stderr()
     if args.mlperf:
         args.model, args.size, args.steps, args.scheduler, args.guidance = "sdxl", 1024, 20, "euler", 8.0
         args.negative, args.diffusers_batches = MLPERF_NEGATIVE, "8"

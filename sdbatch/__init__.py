@@ -1,8 +1,16 @@
 """sdbatch: batch offline Stable Diffusion rendering from a Parquet manifest."""
 
+import logging
+import sys
+
 __version__ = "0.1.0"
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1; rerun the same command to continue
 
 
 class SdbatchError(Exception):
     """A problem with the user's input or setup, explained in one paragraph and shown without a traceback."""
+
+
+def log_to_stderr() -> None:
+    """sdbatch's progress log (INFO and up, timestamped) on stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s sdbatch %(levelname)s %(message)s", stream=sys.stderr)

@@ -8,12 +8,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from sdbatch import EXIT_INTERRUPTED, SdbatchError, cli, settings
+from sdbatch import EXIT_INTERRUPTED, SdbatchError, cli, log_to_stderr, settings
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def run_job(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s sdbatch %(levelname)s %(message)s", stream=sys.stderr)
+    log_to_stderr()
     stop_before_rendering()
     try:
         settings.check(cfg)  # again here: a sweep job on a Slurm node composes its own config

@@ -31,25 +31,33 @@ def quantise(t):
     return (t.float() * scale[:, None, :, None]).to(FP8), scale.reciprocal()
 
 
+def quantise_all(q, k, v):
+    return quantise(q), quantise(k), quantise(v)
+
+
 def fa3(q, k, v, **descales):
     out = flash_attn_func(q, k, v, **descales)
     return out[0] if isinstance(out, tuple) else out
 
 
+def fa3_descaled(q, k, v):
+    """FA3's FP8 forward on (tensor, descale) pairs from quantise."""
+    return fa3(q[0], k[0], v[0], q_descale=q[1], k_descale=k[1], v_descale=v[1])
+
+
 def fa3_fp8(q, k, v):
-    (q8, q_descale), (k8, k_descale), (v8, v_descale) = quantise(q), quantise(k), quantise(v)
-    return fa3(q8, k8, v8, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale).to(q.dtype)
+    return fa3_descaled(*quantise_all(q, k, v)).to(q.dtype)
 
 
 def measure(shape, compiled_fp8, compiled_quantise) -> dict:
     torch.manual_seed(0)
     q, k = attention.random_qkv(shape, CUDA, HALF)
     v = torch.randn_like(k)
-    (q8, qd), (k8, kd), (v8, vd) = quantise(q), quantise(k), quantise(v)
+    quantised = quantise_all(q, k, v)
     variants = {
         "sdpa": lambda: attention.sdpa(q, k, v),
         "fa3-fp16": lambda: fa3(q, k, v),
-        "fa3-fp8-kernel": lambda: fa3(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd),
+        "fa3-fp8-kernel": lambda: fa3_descaled(*quantised),
         "fp8-quantise": lambda: compiled_quantise(q, k, v),
         "fa3-fp8-quantised": lambda: compiled_fp8(q, k, v),
     }
@@ -66,6 +74,10 @@ def measure(shape, compiled_fp8, compiled_quantise) -> dict:
     return row
 
 
+def variant_cells(row: dict) -> list[tuple[str, dict]]:
+    return [(name, cell) for name, cell in row.items() if isinstance(cell, dict)]
+
+
 @torch.no_grad()
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -73,18 +85,16 @@ def main():
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 16  # one graph per shape
     compiled_fp8 = torch.compile(fa3_fp8, dynamic=False)
-    compiled_quantise = torch.compile(lambda q, k, v: (quantise(q), quantise(k), quantise(v)), dynamic=False)
-    rows, step = [], {}
+    compiled_quantise = torch.compile(quantise_all, dynamic=False)
+    rows = []
     for shape in SDXL_CALLS:
         row = measure(shape, compiled_fp8, compiled_quantise)
         rows.append(row)
         cells = [f"{name} {cell['ms']:.3f} ms {cell['tflops']:.0f} TF/s"
                  + (f" err {cell['rel_rms_err']:.4f}" if "rel_rms_err" in cell else "")
-                 for name, cell in row.items() if isinstance(cell, dict)]
+                 for name, cell in variant_cells(row)]
         print(shape, "x", row["calls_per_step"], "|", " | ".join(cells), flush=True)
-        for name, cell in row.items():
-            if isinstance(cell, dict):
-                step[name] = step.get(name, 0.0) + cell["ms"] * row["calls_per_step"]
+    step = {name: sum(row[name]["ms"] * row["calls_per_step"] for row in rows) for name, _ in variant_cells(rows[0])}
     print("per UNet step (ms):", {name: round(ms, 2) for name, ms in step.items()}, flush=True)
     if args.out:
         import flash_attn_config
