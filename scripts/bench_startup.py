@@ -1,6 +1,7 @@
 """Where a warm start's seconds go: imports, building the model, and the compiled UNet's first call in a new process
-that finds the compile cache a first process filled; with torch.compile as sdbatch runs it, and with Dynamo's
-caching precompile (torch 2.11, experimental), which also saves the traced frames so that a new process skips tracing.
+that finds the compile cache a first process filled; with torch.compile (`compile`, sdbatch's compile_engine=jit),
+with the saved ahead-of-time compile sdbatch loads instead (`aot`, compile_engine=aot), and with Dynamo's caching
+precompile (`precompile`: torch 2.11, experimental; its warm load failed there).
 
     python scripts/bench_startup.py --arch sd15 --size 512 --batch 32 --out docs/benchmarks/startup-h100.json
     python scripts/bench_startup.py --arch tiny-sd --size 64 --batch 2 --device cpu --out /tmp/startup.json   # smoke
@@ -38,7 +39,11 @@ def child(args) -> dict:
     built = time.perf_counter()
     if args.mode == "precompile":
         torch._dynamo.config.caching_precompile = True
-    unet = torch.compile(model.unet, dynamic=False)
+    if args.mode == "aot":
+        from sdbatch import aot
+        aot.compile_model(model, Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parent / "aot", {"attention": "sdpa"},
+                          unet_options={}, vae_options={})
+    unet = model.unet if args.mode == "aot" else torch.compile(model.unet, dynamic=False)
 
     def call() -> float:
         start = time.perf_counter()
@@ -78,7 +83,7 @@ def main():
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=32, help="images per batch (the UNet sees twice as many)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--modes", default="compile,precompile")
+    parser.add_argument("--modes", default="compile,aot", help="compile, aot, precompile")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out")

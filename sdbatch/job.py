@@ -59,7 +59,7 @@ def render(prepared: Prepared) -> int:
         adapters = Adapters(model, slot=(cfg.compile and device.type == "cuda") or cfg.dtype == "fp8")
         adapters.prepare({path: prepared.lora_files.state(path) for path in ctx.plan.loras
                           if prepared.lora_files.state(path)})
-    speed_up(model, cfg, ctx.output_dir)
+    speed_up(model, cfg, ctx.output_dir, choice.detail, lora_slot=adapters is not None and adapters.slot)
     ctx.ledger_fields = {"attention_backend": choice.label, "attention_detail": choice.detail, "model": model.name,
                          "scheduler": cfg.scheduler.name, "worker_index": ctx.worker.index,
                          "num_workers": ctx.worker.count, "device": device_label(device)}
@@ -236,15 +236,22 @@ def run_cache(cfg, output_dir: Path) -> Path:
     return Path(cfg.compile_cache or output_dir / ".cache" / "torch").absolute()
 
 
-def speed_up(model, cfg, output_dir: Path) -> None:
-    """FP8 matmuls where asked for; GPU levers: fused projections, torch.compile with a compile cache kept in the
-    output folder so array tasks and nightly reruns reuse it. Not cuDNN autotuning: it bought no step time, and a
-    new process spent 7 s of its first batch on it (SD1.5, batch 32, on an H100)."""
+def speed_up(model, cfg, output_dir: Path, attention_detail: str, lora_slot: bool) -> None:
+    """FP8 matmuls where asked for; GPU levers: fused projections, compiling with a compile cache kept in the output
+    folder so array tasks and nightly reruns reuse it: `compile_engine=aot` saves the compiled model there for later
+    processes to load, except with a per-row LoRA slot (peft's layers keep state in Python attributes, which a
+    saved compile does not check). Not cuDNN autotuning: it bought no step time, and a new process spent 7 s of its
+    first batch on it (SD1.5, batch 32, on an H100)."""
     gpu = model.device.type == "cuda"
+    saved = None
     if gpu and cfg.compile:
-        point_compile_caches(run_cache(cfg, output_dir))
+        cache = run_cache(cfg, output_dir)
+        point_compile_caches(cache)
+        if cfg.compile_engine == "aot" and not lora_slot:
+            saved = (cache / "aot", {"attention": attention_detail})
     model.optimise(fuse_qkv=cfg.fuse_qkv and gpu, fp8=cfg.dtype == "fp8", channels_last=cfg.channels_last and gpu,
-                   compile_mode=cfg.compile_mode if cfg.compile and gpu else None, compile_scope=cfg.compile_scope)
+                   compile_mode=cfg.compile_mode if cfg.compile and gpu else None, compile_scope=cfg.compile_scope,
+                   saved_compile=saved)
 
 
 _POINTED: set[str] = set()  # cache folders this process pointed torch at (a later run may point elsewhere)

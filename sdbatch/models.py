@@ -77,8 +77,9 @@ class Model:
         return self.family == "sdxl" and dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
 
     def optimise(self, fuse_qkv: bool, fp8: bool, channels_last: bool, compile_mode: str | None,
-                 compile_scope: str = "model") -> None:
-        """Speed levers for fixed-shape GPU batches; call after the attention processors are set."""
+                 compile_scope: str = "model", saved_compile: tuple[Path, dict] | None = None) -> None:
+        """Speed levers for fixed-shape GPU batches; call after the attention processors are set. saved_compile:
+        (folder, identity) to compile the whole model once and load it in later processes (sdbatch.aot)."""
         if fuse_qkv:
             fuse_projections(self)
         if fp8:  # after fusing, so that the fused projections are converted too
@@ -89,6 +90,11 @@ class Model:
             self.vae.to(memory_format=torch.channels_last)
         if compile_mode and compile_scope == "blocks":
             compile_blocks([*self.unet.modules(), *self.vae.decoder.modules()], compile_mode)
+        elif compile_mode and saved_compile:
+            from sdbatch import aot
+            from torch._inductor import list_mode_options
+            aot.compile_model(self, *saved_compile, unet_options=channels_last_convolutions(compile_mode),
+                              vae_options=list_mode_options(compile_mode))
         elif compile_mode:
             self.unet = torch.compile(self.unet, dynamic=False, options=channels_last_convolutions(compile_mode))
             self.vae.decode = torch.compile(self.vae.decode, mode=compile_mode, dynamic=False)

@@ -162,6 +162,7 @@ RUN_RULES = {
     "compile": boolean,
     "compile_mode": choice("default", "max-autotune-no-cudagraphs", "max-autotune"),
     "compile_scope": choice("model", "blocks"),
+    "compile_engine": choice("aot", "jit"),
     "compile_cache": optional(path),
     "fuse_qkv": boolean,
     "channels_last": boolean,

@@ -139,6 +139,35 @@ def test_compiling_each_block_renders_what_compiling_the_whole_model_does(tmp_pa
         assert np.abs(whole - blocks).max() <= 8, np.abs(whole - blocks).max()
 
 
+def test_a_new_process_loads_the_saved_compile_and_renders_what_torch_compile_does(tmp_path):
+    """compile_engine=aot: the first run compiles the UNet and the decoder and saves them in the compile cache; a
+    second process loads them without tracing and renders the same pixels; torch.compile (`jit`) renders them to
+    within rounding."""
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"prompt": ["a red chair", "a blue lamp", "a green mug"]}), manifest)
+    images = {}
+    for name, engine in (("cold", "aot"), ("warm", "aot"), ("jit", "jit")):
+        out = tmp_path / name
+        done = subprocess.run([sys.executable, "-m", "sdbatch", f"prompts={manifest}", f"output_dir={out}",
+                               "model=tiny", "steps=4", "batch_size=2", "compile=true", f"compile_engine={engine}",
+                               f"compile_cache={tmp_path / 'cache'}", "progress=false"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        if name == "cold":
+            assert done.stderr.count("ahead of time for") == 2, done.stderr[-3000:]  # the UNet and the decoder
+        if name == "warm":
+            assert "ahead of time" not in done.stderr, done.stderr[-3000:]
+            assert done.stderr.count("loaded the compiled") == 2, done.stderr[-3000:]
+        rows = sorted(pq.read_table(next((out / "ledger").glob("*.parquet"))).to_pylist(), key=lambda r: r["prompt"])
+        assert [r["status"] for r in rows] == ["ok"] * 3
+        images[name] = [np.asarray(Image.open(out / r["image_path"]), dtype=np.int16) for r in rows]
+    for cold, warm, jit in zip(images["cold"], images["warm"], images["jit"]):
+        assert np.array_equal(cold, warm)
+        assert np.abs(cold - jit).max() <= 8, np.abs(cold - jit).max()
+
+
 def test_vanilla_memory_grows_quadratically_memory_efficient_attention_linearly():
     """SD2.1 UNet at 768x768 (9216 self-attention tokens) against 384x384 (2304 tokens), batch 8."""
     model = random_model("sd21").to(torch.device("cuda"), torch.float16)

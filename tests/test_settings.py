@@ -67,6 +67,7 @@ BAD = {  # override -> words of the problem
     "on_invalid=ignore": "on_invalid=ignore must be error | skip",
     "compile_mode=fast": "compile_mode=fast must be default |",
     "compile_scope=layers": "compile_scope=layers must be model | blocks",
+    "compile_engine=fast": "compile_engine=fast must be aot | jit",
     "progress=yes": "progress=yes must be true or false",
     "gpu_hour_cost=-1": "gpu_hour_cost=-1 must be a price per GPU-hour: a finite number of at least 0",
     "gpu_hour_cost=nan": "gpu_hour_cost=nan must be a price per GPU-hour",

@@ -1,0 +1,76 @@
+"""compile_engine=aot: the UNet and VAE decoder compiled once, saved in the compile cache, and loaded by every later
+process without tracing; a damaged file is compiled again, and a model that cannot compile as one graph falls back
+to torch.compile. On the CPU, with the tiny SDXL architecture (its UNet takes the added-conditioning dict too)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# One process: the tiny model with weights from `seed` (a new process has other weights than the one that compiled:
+# the saved compile must run on the module's own), its UNet at two timesteps and its decoder, compiled through
+# sdbatch.aot and eagerly; prints the largest difference between them.
+PROCESS = """
+import json, sys, torch
+from pathlib import Path
+from sdbatch import aot, log_to_stderr
+from sdbatch.models import random_model, random_unet_inputs
+from sdbatch import attention
+log_to_stderr()
+folder, seed, graph_break = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "break"
+model = random_model("tiny-sdxl")
+attention.apply(model, attention.Choice(("sdpa", {"kernel": "auto"})))
+torch.manual_seed(seed)
+for p in [*model.unet.parameters(), *model.vae.parameters()]:
+    p.data.normal_(0, 0.05)
+if graph_break:
+    block = model.unet.conv_in.forward
+    model.unet.conv_in.forward = lambda x: (torch._dynamo.graph_break(), block(x))[1]
+x, embeds, added = random_unet_inputs(model, 2, 64, 64)
+z = torch.randn(2, 4, 8, 8)
+def run():
+    out = [model.unet(x, torch.tensor(t), encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+           for t in (999, 1)]
+    return [*out, model.vae.decode(z, return_dict=False)[0]]
+with torch.no_grad():
+    eager = run()
+    aot.compile_model(model, folder, {"attention": "test"}, unet_options={}, vae_options={})
+    compiled = run()
+print(json.dumps([(a - b).abs().max().item() / b.abs().max().item() for a, b in zip(compiled, eager)]))
+"""
+
+
+def process(folder: Path, seed: int, graph_break: bool = False) -> tuple[list, str]:
+    done = subprocess.run([sys.executable, "-c", PROCESS, str(folder), str(seed), "break" if graph_break else "whole"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_a_new_process_loads_the_saved_compile_and_computes_what_the_model_does(tmp_path):
+    folder = tmp_path / "aot"
+    cold, log = process(folder, seed=1)
+    assert max(cold) < 1e-4, cold
+    assert log.count("ahead of time for") == 2, log  # the UNet and the decoder, one signature each
+    saved = sorted(folder.glob("*.dynamo"))
+    assert [p.name.split("-")[0] for p in saved] == ["unet", "vae"], saved
+    assert not list(folder.glob("*.partial")), list(folder.iterdir())
+
+    warm, log = process(folder, seed=2)  # other weights: the file holds none of its own
+    assert max(warm) < 1e-4, warm
+    assert "ahead of time" not in log and log.count("loaded the compiled") == 2, log
+
+    saved[0].write_bytes(saved[0].read_bytes()[:1000])  # a file torn by a full disk, say
+    again, log = process(folder, seed=3)
+    assert max(again) < 1e-4, again
+    assert "could not be loaded" in log and log.count("ahead of time for") == 1, log
+    assert len(list(folder.glob("*.dynamo"))) == 2
+
+
+def test_a_model_with_a_graph_break_falls_back_to_torch_compile(tmp_path):
+    results, log = process(tmp_path / "aot", seed=1, graph_break=True)
+    assert max(results) < 1e-4, results
+    assert "the unet could not be compiled ahead of time" in log and "torch.compile" in log, log
+    assert [p.name.split("-")[0] for p in (tmp_path / "aot").glob("*.dynamo")] == ["vae"]
+
