@@ -27,7 +27,8 @@ def child(args) -> dict:
     started = time.perf_counter()
     import torch
     sys.path.insert(0, str(REPO))
-    from sdbatch import attention
+    from sdbatch import attention, log_to_stderr
+    log_to_stderr()  # sdbatch.aot's "compiling" / "loaded" lines
     from sdbatch.models import fuse_projections, random_model, random_unet_inputs
     imported = time.perf_counter()
     device = torch.device(args.device)
