@@ -52,7 +52,7 @@ class Compiled:
         if path.exists():
             started = time.perf_counter()
             try:
-                with path.open("rb") as file:
+                with path.open("rb") as file, aot_compile_enabled():
                     compiled = torch.compiler.load_compiled_function(file, f_globals=self.globals(),
                                                                      external_data=self.external_data())
                 log.info("loaded the compiled %s for %s in %.1fs", self.name, shapes, time.perf_counter() - started)
@@ -66,8 +66,10 @@ class Compiled:
 
     def build(self, path: Path, args: tuple, kwargs: dict):
         try:
-            compiled = torch.compile(self.method, fullgraph=True, dynamic=False,
-                                     options={**self.options, "guard_filter_fn": no_guards}).aot_compile((args, kwargs))
+            with aot_compile_enabled():
+                compiled = torch.compile(self.method, fullgraph=True, dynamic=False,
+                                         options={**self.options, "guard_filter_fn": no_guards})
+                compiled = compiled.aot_compile((args, kwargs))
         except Exception as error:  # a graph break, say: torch.compile still runs it, re-tracing in each process
             log.warning("the %s could not be compiled ahead of time (%s); using torch.compile for it, which traces it "
                         "again in every new process", self.name, first_line(error))
@@ -98,6 +100,11 @@ def compile_model(model, folder: Path, identity: dict, unet_options: dict, vae_o
     """Replace the UNet's forward and the VAE's decode by compiled functions from folder (saved there when missing)."""
     model.unet.forward = Compiled(model.unet, "forward", folder, {**identity, "module": "unet"}, unet_options)
     model.vae.decode = Compiled(model.vae, "decode", folder, {**identity, "module": "vae-decoder"}, vae_options)
+
+
+def aot_compile_enabled():
+    """torch.compile gives its function `aot_compile` only under this flag: off by default before torch 2.13."""
+    return torch._dynamo.config.patch(enable_aot_compile=True)
 
 
 def no_guards(entries) -> list[bool]:

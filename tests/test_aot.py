@@ -18,6 +18,7 @@ from sdbatch import aot, log_to_stderr
 from sdbatch.models import random_model, random_unet_inputs
 from sdbatch import attention
 log_to_stderr()
+torch._dynamo.config.enable_aot_compile = False  # the default of torch 2.11, the GPU fleet's: sdbatch turns it on
 folder, seed, graph_break = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "break"
 model = random_model("tiny-sdxl")
 attention.apply(model, attention.Choice(("sdpa", {"kernel": "auto"})))
