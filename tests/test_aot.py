@@ -62,7 +62,7 @@ def test_a_new_process_loads_the_saved_compile_and_computes_what_the_model_does(
     assert max(warm) < 1e-4, warm
     assert "ahead of time" not in log and log.count("loaded the compiled") == 2, log
 
-    saved[0].write_bytes(saved[0].read_bytes()[:1000])  # a file torn by a full disk, say
+    saved[1].write_bytes(saved[1].read_bytes()[:1000])  # a file torn by a full disk, say
     again, log = process(folder, seed=3)
     assert max(again) < 1e-4, again
     assert "could not be loaded" in log and log.count("ahead of time for") == 1, log
