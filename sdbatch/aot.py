@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -75,7 +76,7 @@ class Compiled:
                         "again in every new process", self.name, first_line(error))
             return torch.compile(self.method, dynamic=False, options=self.options)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")  # PIDs repeat across hosts
         try:
             compiled.save_compiled_function(str(partial), external_data=self.external_data())
             os.replace(partial, path)  # whole or absent: a worker racing this one loads either file
