@@ -34,7 +34,8 @@ class Compiled:
         self.module, self.folder, self.options = module, folder, options
         self.name = identity["module"]
         self.method = getattr(module, method)  # bound, before this object replaces it
-        self.function = inspect.unwrap(getattr(type(module), method))  # the code Dynamo traces, under decorators
+        self.unbound = getattr(type(module), method)  # compiled with the module as an input: called the same way
+        self.function = inspect.unwrap(self.unbound)  # the code Dynamo traces, under any decorators
         self.identity = {**identity, **environment(), "options": repr(sorted(options.items())),
                          "weights_layout": layout(module)}
         self.runners: dict = {}
@@ -45,9 +46,12 @@ class Compiled:
             self.runners[signature] = self.runner(signature, args, kwargs)
         return self.runners[signature](*args, **kwargs)
 
-    def runner(self, signature: str, args: tuple, kwargs: dict):
+    def path(self, signature: str) -> Path:
         key = hashlib.sha256(json.dumps({**self.identity, "inputs": signature}, sort_keys=True).encode())
-        path = self.folder / f"{self.name}-{key.hexdigest()[:32]}.dynamo"
+        return self.folder / f"{self.name}-{key.hexdigest()[:32]}.dynamo"
+
+    def runner(self, signature: str, args: tuple, kwargs: dict):
+        path = self.path(signature)
         shapes = ", ".join("x".join(map(str, t.shape)) or "scalar" for t in pytree.tree_leaves((args, kwargs))
                            if isinstance(t, torch.Tensor))
         if path.exists():
@@ -68,9 +72,9 @@ class Compiled:
     def build(self, path: Path, args: tuple, kwargs: dict):
         try:
             with aot_compile_enabled():
-                compiled = torch.compile(self.method, fullgraph=True, dynamic=False,
+                compiled = torch.compile(self.unbound, fullgraph=True, dynamic=False,
                                          options={**self.options, "guard_filter_fn": no_guards})
-                compiled = compiled.aot_compile((args, kwargs))
+                compiled = compiled.aot_compile(((self.module, *args), kwargs))
         except Exception as error:  # a graph break, say: torch.compile still runs it, re-tracing in each process
             log.warning("the %s could not be compiled ahead of time (%s); using torch.compile for it, which traces it "
                         "again in every new process", self.name, first_line(error))

@@ -3,6 +3,7 @@ process without tracing; a damaged file is compiled again, and a model that cann
 to torch.compile. On the CPU, with the tiny SDXL architecture (its UNet takes the added-conditioning dict too)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,40 @@ def test_a_model_with_a_graph_break_falls_back_to_torch_compile(tmp_path):
     assert "the unet could not be compiled ahead of time" in log and "torch.compile" in log, log
     assert [p.name.split("-")[0] for p in (tmp_path / "aot").glob("*.dynamo")] == ["vae"]
 
+
+
+# One of several processes sharing a cache folder: each round it loads the saved compile of a Linear, and every
+# other round (at random) first compiles and saves it again, replacing the file the others are loading.
+RACER = """
+import random, sys, torch
+from pathlib import Path
+from sdbatch import aot, log_to_stderr
+log_to_stderr()
+folder, rounds = Path(sys.argv[1]), int(sys.argv[2])
+random.seed(sys.argv[3])
+torch.manual_seed(0)
+linear, x = torch.nn.Linear(16, 16), torch.randn(4, 16)
+with torch.no_grad():
+    expected = linear(x)
+    for _ in range(rounds):
+        compiled = aot.Compiled(linear, "forward", folder, {"module": "linear"}, {})
+        if random.random() < 0.5:
+            compiled.build(compiled.path(aot.call_signature((x,), {})), (x,), {})
+        assert torch.allclose(compiled(x), expected, atol=1e-5)
+"""
+
+
+def test_processes_replacing_and_loading_one_saved_compile_never_read_a_torn_file(tmp_path):
+    """Array tasks that start together compile the same shapes into one cache folder, some while others load."""
+    folder = tmp_path / "aot"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    first = subprocess.run([sys.executable, "-c", RACER, str(folder), "1", "0"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(folder), "20", str(seed)], cwd=REPO, env=env,
+                               stderr=subprocess.PIPE, text=True) for seed in range(1, 5)]
+    logs = [racer.communicate(timeout=600)[1] for racer in racers]
+    for racer, log in zip(racers, logs):
+        assert racer.returncode == 0, log[-3000:]
+        assert log.count("loaded the compiled linear") == 20 and "could not be loaded" not in log, log[-3000:]
+    assert [p.name.split("-")[0] for p in folder.iterdir()] == ["linear"]  # no temporary file left
