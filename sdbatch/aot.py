@@ -91,10 +91,10 @@ class Compiled:
         return functools.partial(compiled, self.module)
 
     def globals(self) -> dict:
-        """The names the compiled code may look up: the traced function's module's, and modules Dynamo's code
-        refers to by name (`collections` to build an OrderedDict output, say)."""
+        """The names the compiled code may look up: those of the traced function's module (the decorator's, then the
+        decorated function's), and modules Dynamo's code refers to by name (`collections` for an OrderedDict)."""
         modules = {name: module for name, module in sys.modules.items() if "." not in name}
-        return {**modules, **self.function.__globals__}
+        return {**modules, **self.function.__globals__, **self.unbound.__globals__}
 
     def external_data(self) -> dict:
         """What the file refers to instead of holding: the module (its weights) and the traced code."""
