@@ -14,14 +14,16 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import sys
+import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import torch
 from torch.utils import _pytree as pytree
+
+from sdbatch import first_line
+from sdbatch.writer import write_atomic
 
 log = logging.getLogger("sdbatch")
 
@@ -79,13 +81,11 @@ class Compiled:
             log.warning("the %s could not be compiled ahead of time (%s); using torch.compile for it, which traces it "
                         "again in every new process", self.name, first_line(error))
             return torch.compile(self.method, dynamic=False, options=self.options)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")  # PIDs repeat across hosts
         try:
-            compiled.save_compiled_function(str(partial), external_data=self.external_data())
-            os.replace(partial, path)  # whole or absent: a worker racing this one loads either file
+            with tempfile.TemporaryDirectory() as folder:  # torch writes a path; the cache takes it whole or not at all
+                compiled.save_compiled_function(f"{folder}/compiled", external_data=self.external_data())
+                write_atomic(path, Path(folder, "compiled").read_bytes())
         except Exception as error:
-            partial.unlink(missing_ok=True)
             log.warning("the compiled %s could not be saved in %s (%s); later processes compile it again", self.name,
                         path.parent, first_line(error))
         return functools.partial(compiled, self.module)
@@ -146,8 +146,3 @@ def environment() -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "sdbatch_source": source.hexdigest(),
             "gpu": gpu, "cuda": torch.version.cuda}
-
-
-def first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from sdbatch import SdbatchError
+from sdbatch import SdbatchError, first_line
 from sdbatch.models import VAE_CHUNK, dummy_unet_call, dummy_vae_call
 from sdbatch.writer import write_atomic
 
@@ -297,8 +297,8 @@ def why_not(name: str, options: dict | None = None, device=None, dtype=None) -> 
         if not torch.isfinite(out).all():
             return f"attention={name} produced non-finite values in its smoke test on {device} ({dtype})."
     except Exception as error:  # any failure here means "can't run"; the message carries the library's reason
-        first_line = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
-        return (f"attention={describe((name, options or {}))} cannot run on {device} ({dtype}): {first_line}. "
+        return (f"attention={describe((name, options or {}))} cannot run on {device} ({dtype}): "
+                f"{first_line(error).rstrip('.')}. "
                 f"Use attention=auto or attention=sdpa.")
     return None
 

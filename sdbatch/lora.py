@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sdbatch import SdbatchError
+from sdbatch import SdbatchError, first_line
 from sdbatch.models import has_adapter
 
 log = logging.getLogger("sdbatch")
@@ -356,10 +356,6 @@ class quiet(warnings.catch_warnings):
         if not self.bars:
             transformers_logging.enable_progress_bar()
         return super().__exit__(*exc)
-
-
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0].strip()
 
 
 def mismatch(error: Exception) -> str:

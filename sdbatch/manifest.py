@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from sdbatch import SdbatchError
+from sdbatch import SdbatchError, first_line
 from sdbatch.ledger import CORE_COLUMNS
 
 KNOWN_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "num_images",
@@ -177,7 +177,7 @@ class Manifest:
                     first += table.num_rows
             except (pa.ArrowException, OSError) as error:
                 raise SdbatchError(f"{fragment.path} (part of the manifest {self.path}) cannot be read: "
-                                   f"{_first_line(error)}") from None
+                                   f"{first_line(error)}") from None
 
     def _normalised(self, table: pa.Table, first: int) -> pa.Table:
         count = table.num_rows
@@ -259,11 +259,7 @@ def _open_dataset(path: str) -> ds.Dataset:
 
 
 def _not_parquet(path: str, error: Exception) -> str:
-    return f"{path} is not a Parquet file: {_first_line(error)}"
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"{path} is not a Parquet file: {first_line(error)}"
 
 
 def _footer(file: str):
