@@ -50,7 +50,7 @@ def child(args) -> dict:
         start = time.perf_counter()
         with torch.no_grad():
             unet(inputs[0], torch.tensor(500, device=device), encoder_hidden_states=inputs[1],
-                 added_cond_kwargs=inputs[2])
+                 added_cond_kwargs=inputs[2], return_dict=False)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -69,7 +69,8 @@ def measure(args, mode: str, cache: Path, run: str) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", "--mode", mode, "--arch", args.arch, "--size",
                            str(args.size), "--batch", str(args.batch), "--device", args.device],
                           env=env, capture_output=True, text=True)
-    print(done.stderr[-3000:], file=sys.stderr, flush=True)
+    own = [line for line in done.stderr.splitlines() if " sdbatch " in line]  # what aot loaded or compiled
+    print("\n".join(own), done.stderr[-3000:], sep="\n", file=sys.stderr, flush=True)
     if done.returncode:
         return {"mode": mode, "run": run, "error": done.stderr.strip().splitlines()[-1]}
     row = {"mode": mode, "run": run, "process_s": time.perf_counter() - start,

@@ -6,7 +6,8 @@ an SD1.5 warm start on an H100). A saved compile is loaded instead: one file per
 everything else that shapes its graph (the weights' layout and dtypes, the attention choice, the compile options,
 the libraries, sdbatch's own code, the GPU). It holds no weights: it runs on the module's own tensors, read at each
 call, so LoRAs fused or copied into them need no new compile. Dynamo cannot save every guard, so none is kept: the
-file's key stands in for them, and a call with another signature gets a file of its own.
+file's key stands in for them, and a call with another signature gets a file of its own. A module that does not
+compile as one graph runs under torch.compile, and a `.jit` file under the same key tells later processes so.
 """
 
 import functools
@@ -54,6 +55,11 @@ class Compiled:
 
     def runner(self, signature: str, args: tuple, kwargs: dict):
         path = self.path(signature)
+        refused = path.with_suffix(".jit")
+        if refused.exists():  # an earlier process traced it in vain: tracing it twice per process cost 11 s (SD1.5)
+            log.info("using torch.compile for the %s: %s (delete %s to try again)", self.name,
+                     refused.read_text().strip(), refused)
+            return self.jit()
         shapes = ", ".join("x".join(map(str, t.shape)) or "scalar" for t in pytree.tree_leaves((args, kwargs))
                            if isinstance(t, torch.Tensor))
         if path.exists():
@@ -78,17 +84,30 @@ class Compiled:
                                          options={**self.options, "guard_filter_fn": no_guards})
                 compiled = compiled.aot_compile(((self.module, *args), kwargs))
         except Exception as error:  # a graph break, say: torch.compile still runs it, re-tracing in each process
-            log.warning("the %s could not be compiled ahead of time (%s); using torch.compile for it, which traces it "
-                        "again in every new process", self.name, first_line(error))
-            return torch.compile(self.method, dynamic=False, options=self.options)
-        try:
-            with tempfile.TemporaryDirectory() as folder:  # torch writes a path; the cache takes it whole or not at all
+            reason = f"it could not be compiled ahead of time ({first_line(error)})"
+            log.warning("the %s: %s; using torch.compile for it, which traces it again in every new process",
+                        self.name, reason)
+            self.save(path.with_suffix(".jit"), reason.encode())  # later processes go straight to torch.compile
+            return self.jit()
+        with tempfile.TemporaryDirectory() as folder:  # torch writes a path; the cache takes it whole or not at all
+            try:
                 compiled.save_compiled_function(f"{folder}/compiled", external_data=self.external_data())
-                write_atomic(path, Path(folder, "compiled").read_bytes())
-        except Exception as error:
-            log.warning("the compiled %s could not be saved in %s (%s); later processes compile it again", self.name,
-                        path.parent, first_line(error))
+                data = Path(folder, "compiled").read_bytes()
+            except Exception as error:
+                log.warning("the compiled %s could not be saved (%s); later processes compile it again", self.name,
+                            first_line(error))
+            else:
+                self.save(path, data)
         return functools.partial(compiled, self.module)
+
+    def save(self, path: Path, data: bytes) -> None:
+        try:
+            write_atomic(path, data)
+        except OSError as error:
+            log.warning("could not write %s (%s); later processes compile the %s again", path, error, self.name)
+
+    def jit(self):
+        return torch.compile(self.method, dynamic=False, options=self.options)
 
     def globals(self) -> dict:
         """The names the compiled code may look up: those of the traced function's module (the decorator's, then the

@@ -70,11 +70,17 @@ def test_a_new_process_loads_the_saved_compile_and_computes_what_the_model_does(
     assert len(list(folder.glob("*.dynamo"))) == 2
 
 
-def test_a_model_with_a_graph_break_falls_back_to_torch_compile(tmp_path):
-    results, log = process(tmp_path / "aot", seed=1, graph_break=True)
+def test_a_model_with_a_graph_break_falls_back_to_torch_compile_and_later_processes_do_not_try_again(tmp_path):
+    folder = tmp_path / "aot"
+    results, log = process(folder, seed=1, graph_break=True)
     assert max(results) < 1e-4, results
-    assert "the unet could not be compiled ahead of time" in log and "torch.compile" in log, log
-    assert [p.name.split("-")[0] for p in (tmp_path / "aot").glob("*.dynamo")] == ["vae"]
+    assert "the unet: it could not be compiled ahead of time" in log and "torch.compile" in log, log
+    assert sorted(p.name.split("-")[0] + p.suffix for p in folder.iterdir()) == ["unet.jit", "vae.dynamo"]
+
+    again, log = process(folder, seed=2, graph_break=True)  # no second trace in vain: straight to torch.compile
+    assert max(again) < 1e-4, again
+    assert "using torch.compile for the unet: it could not be compiled ahead of time" in log, log
+    assert "compiling the" not in log and log.count("loaded the compiled") == 1, log
 
 
 # One of several processes sharing a cache folder: each round it loads the saved compile of a Linear, and every
