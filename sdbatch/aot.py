@@ -142,7 +142,7 @@ def call_signature(args: tuple, kwargs: dict) -> str:
 
 def leaf_signature(leaf) -> str:
     if isinstance(leaf, torch.Tensor):
-        return f"{leaf.dtype} {tuple(leaf.shape)} {leaf.stride()} {leaf.device.type}"
+        return f"{leaf.dtype} {tuple(leaf.shape)} {leaf.stride()} {leaf.device}"  # cuda:1: its code names its device
     return repr(leaf)
 
 
