@@ -69,8 +69,9 @@ def measure(args, mode: str, cache: Path, run: str) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", "--mode", mode, "--arch", args.arch, "--size",
                            str(args.size), "--batch", str(args.batch), "--device", args.device],
                           env=env, capture_output=True, text=True)
-    own = [line for line in done.stderr.splitlines() if " sdbatch " in line]  # what aot loaded or compiled
-    print("\n".join(own), done.stderr[-3000:], sep="\n", file=sys.stderr, flush=True)
+    lines = done.stderr.splitlines()
+    own = [line for line in lines if " sdbatch " in line]  # what aot loaded or compiled, then Dynamo's timings
+    print(*own, "\n".join(line for line in lines if line not in own)[-3000:], sep="\n", file=sys.stderr, flush=True)
     if done.returncode:
         return {"mode": mode, "run": run, "error": done.stderr.strip().splitlines()[-1]}
     row = {"mode": mode, "run": run, "process_s": time.perf_counter() - start,
