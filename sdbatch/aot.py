@@ -56,9 +56,12 @@ class Compiled:
     def runner(self, signature: str, args: tuple, kwargs: dict):
         path = self.path(signature)
         refused = path.with_suffix(".jit")
-        if refused.exists():  # an earlier process traced it in vain: tracing it twice per process cost 11 s (SD1.5)
-            log.info("using torch.compile for the %s: %s (delete %s to try again)", self.name,
-                     refused.read_text().strip(), refused)
+        try:
+            reason = refused.read_text().strip()
+        except FileNotFoundError:
+            reason = None
+        if reason is not None:  # an earlier process traced it in vain: tracing twice per process cost 11 s (SD1.5)
+            log.info("using torch.compile for the %s: %s (delete %s to try again)", self.name, reason, refused)
             return self.jit()
         shapes = ", ".join("x".join(map(str, t.shape)) or "scalar" for t in pytree.tree_leaves((args, kwargs))
                            if isinstance(t, torch.Tensor))
