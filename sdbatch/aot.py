@@ -160,6 +160,7 @@ def layout(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+@functools.cache  # once per process: the UNet and the decoder share it
 def environment() -> dict:
     """What else the compiled code depends on: the libraries, sdbatch's own code (its attention processors and fp8
     linears are traced into the graph) and the GPU."""
