@@ -22,7 +22,7 @@ from sdbatch.lora import Adapters, fuse_run_loras
 from sdbatch.manifest import ImageJob
 from sdbatch.models import load_model
 from sdbatch.render import BatchResult, Renderer
-from sdbatch.run import STAGES, Prepared, print_summary
+from sdbatch.run import STAGES, Prepared, print_summary, run_cache
 from sdbatch.shard import Context, Shard
 from sdbatch.writer import ImageWriter, a1111_parameters, image_name
 
@@ -229,11 +229,6 @@ def quiet_libraries() -> None:
 
 def attention_options(cfg) -> dict:
     return {k: v for k, v in cfg.attention.items() if k != "name"}
-
-
-def run_cache(cfg, output_dir: Path) -> Path:
-    """What the run's array tasks and reruns share: the compile caches and the attention timings."""
-    return Path(cfg.compile_cache or output_dir / ".cache" / "torch").absolute()
 
 
 def speed_up(model, cfg, output_dir: Path, attention_detail: str, lora_slot: bool) -> None:
