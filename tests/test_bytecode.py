@@ -2,6 +2,7 @@
 PYTHONDONTWRITEBYTECODE=1): the first process writes it, every later one reads it, and processes that start
 together never break each other's imports."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -79,10 +80,17 @@ def test_an_environment_with_bytecode_or_the_users_own_folder_is_left_alone(tmp_
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_run_in_an_environment_with_bytecode_keeps_none(tmp_path, cli, write_manifest):
-    """This machine's torch has its bytecode: the run leaves Python's files where they are."""
+def test_a_run_keeps_bytecode_only_where_torch_has_none(tmp_path, cli, write_manifest):
+    """Through the CLI, in this environment: torch with its bytecode (pip writes it) leaves Python's files where they
+    are; torch without it gets its bytecode kept in the run's cache folder, and the log says so."""
+    torch_source = importlib.util.find_spec("torch").origin
+    shipped = os.path.exists(importlib.util.cache_from_source(torch_source))
     manifest = write_manifest(tmp_path / "p.parquet", {"prompt": ["a red chair"]})
     done = cli(tmp_path, f"prompts={manifest}", "model=tiny", "steps=2", "output_dir=out",
                env={"PYTHONDONTWRITEBYTECODE": "1"})
     assert done.returncode == 0, done.stderr
-    assert not list((tmp_path / "out").rglob("bytecode"))
+    kept = tmp_path / "out" / ".cache" / "torch" / "bytecode"
+    if shipped:
+        assert not kept.exists() and "no Python bytecode" not in done.stderr
+    else:
+        assert list(kept.rglob("*.pyc")) and f"keeping it in {kept}" in done.stderr
