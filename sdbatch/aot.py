@@ -59,8 +59,8 @@ class Compiled:
         try:
             reason = refused.read_text().strip()
         except FileNotFoundError:
-            reason = None
-        if reason is not None:  # an earlier process traced it in vain: tracing twice per process cost 11 s (SD1.5)
+            pass
+        else:  # an earlier process traced it in vain: tracing twice per process cost 11 s (SD1.5)
             log.info("using torch.compile for the %s: %s (delete %s to try again)", self.name, reason, refused)
             return self.jit()
         shapes = ", ".join("x".join(map(str, t.shape)) or "scalar" for t in pytree.tree_leaves((args, kwargs))

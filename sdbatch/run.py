@@ -129,8 +129,7 @@ def keep_bytecode(cache: Path, probe: str = "torch") -> None:
     if sys.pycache_prefix is not None:
         return
     spec = importlib.util.find_spec(probe)
-    if (spec is None or not spec.has_location or not spec.origin.endswith(".py")
-            or os.path.exists(importlib.util.cache_from_source(spec.origin))):
+    if spec is None or spec.cached is None or os.path.exists(spec.cached):  # cached: where its bytecode would be
         return
     sys.pycache_prefix = str(cache / "bytecode")
     sys.dont_write_bytecode = False
